@@ -462,3 +462,601 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, num_tok
     m = mask.bool() & keep.bool()[:, None]
     loss = -torch.where(m, logp, 0.0).sum() / max(num_tokens, 1)
     return loss, dict(sft_loss=loss.item(), sft_kept=keep.float().mean().item())
+
+
+# -----------------------------------------------------------------------------
+# Models: sampling and log-probs. The two hot paths are here: sampling (the bulk of every step) and the
+# no-grad teacher forward (KD's extra cost).
+
+
+class KDRLError(ValueError):
+    """A user-facing problem (bad input, bad config, diverged run): main() prints it and exits 1."""
+
+
+@dataclass
+class Rollouts:
+    """G sampled responses per prompt, prompt-major (the G responses of a prompt are contiguous)."""
+
+    input_ids: torch.Tensor  # (B, P+T) left-padded prompt, then the response, pad after its first EOS
+    attention_mask: torch.Tensor  # (B, P+T) 1 on prompt tokens and on response tokens up to the first EOS
+    response_mask: torch.Tensor  # (B, T) bool, response tokens up to and *including* the first EOS
+    logprobs: torch.Tensor  # (B, T) float32 log π(y_t | y_<t) at the sampling temperature, 0 where masked
+    truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
+
+    @property
+    def response_ids(self) -> torch.Tensor:  # (B, T)
+        return self.input_ids[:, -self.response_mask.shape[1] :]
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """Apply the chat template when the tokenizer has one (a single user turn), else the raw prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-format and left-pad prompts. Returns input_ids, attention_mask: (N, P) long."""
+    templated = bool(getattr(tokenizer, "chat_template", None))  # the template already holds BOS
+    rows = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=not templated)["input_ids"] for p in prompts]
+    P, pad = max(map(len, rows)), pad_token_id(tokenizer)
+    ids = torch.tensor([[pad] * (P - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids, mask
+
+
+def pad_token_id(tokenizer) -> int:
+    """pad may equal EOS: masks are built from positions, never by dropping pad ids, so EOS is still trained."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as generate() computes them. (B, L) → (B, L)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _next_token(logits: torch.Tensor, temperature: float, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample (or argmax at T = 0) from logits (B, ≥V), padded columns ≥ vocab_size excluded.
+    Returns token (B,) and its log-prob (B,) float32 under softmax(logits / T) (T = 1 when greedy)."""
+    logp = torch.log_softmax(logits[:, :vocab_size].float() / (temperature or 1.0), dim=-1)  # (B, V)
+    if temperature == 0:
+        token = logp.argmax(-1)
+    else:
+        token = torch.multinomial(logp.exp(), 1).squeeze(1)
+    return token, logp.gather(1, token[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def sample_rollouts(
+    model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0, *, vocab_size: Optional[int] = None
+) -> Rollouts:
+    """Sample group_size responses to each prompt with a KV cache; temperature 0 is greedy.
+
+    The reported log-probs are of softmax(logits / T): the distribution actually sampled, so that "on-policy"
+    claims hold at any T (score the teacher at the same T). Logit columns ≥ vocab_size (default
+    len(tokenizer)) are excluded: checkpoints pad their vocabularies, and padding must carry no probability.
+    Runs under no_grad (not inference_mode), so the ids can enter a graph that needs backward.
+    """
+    V = vocab_size or len(tokenizer)
+    eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
+    device = next(model.parameters()).device
+    ids, attn = (x.repeat_interleave(group_size, 0).to(device) for x in encode_prompts(tokenizer, prompts))
+    B, prompt_attn = ids.shape[0], attn
+    pos = _positions(attn)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    logps = torch.zeros(B, max_new_tokens, device=device)
+    alive = torch.ones(B, dtype=torch.bool, device=device)  # no EOS yet
+    resp_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    next_pos = pos[:, -1]
+    for t in range(max_new_tokens):
+        token, lp = _next_token(out.logits[:, -1], temperature, V)
+        tokens[:, t] = torch.where(alive, token, pad)
+        logps[:, t] = torch.where(alive, lp, 0.0)
+        resp_mask[:, t] = alive  # includes the first EOS
+        alive = alive & (token != eos)
+        if t + 1 == max_new_tokens or not alive.any():  # one sync per token: stop as soon as all are done
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        next_pos = next_pos + 1
+        out = model(input_ids=tokens[:, t : t + 1], attention_mask=attn, position_ids=next_pos[:, None], past_key_values=out.past_key_values, use_cache=True)
+    T = t + 1
+    tokens, logps, resp_mask = tokens[:, :T], logps[:, :T], resp_mask[:, :T]
+    input_ids = torch.cat([ids, tokens], dim=1)
+    attention_mask = torch.cat([prompt_attn, resp_mask.long()], dim=1)
+    return Rollouts(input_ids, attention_mask, resp_mask, logps, truncated=alive)
+
+
+# Config attributes of models whose logits are post-processed after the output head (soft-capping,
+# scaling). The chunked path applies the head alone, so such models take the full-logits fallback.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
+
+
+def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_size: int) -> torch.Tensor:
+    """log softmax(head(hidden) / T)[target] for rows of hidden (N, H) → (N,) float32, via logsumexp."""
+    logits = head(hidden)[:, :vocab_size].float() / temperature  # (N, V): the only (·, V) tensor alive
+    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)
+
+
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    vocab_size: Optional[int] = None,
+    chunk_size: int = 256,
+    return_logits: bool = False,
+):
+    """Float32 log π(y_t | y_<t) of the response tokens at temperature T (0 where response_mask is 0).
+
+    input_ids, attention_mask: (B, P+T); response_mask: (B, T), the last T columns. Returns (B, T).
+    Only the response positions that the mask keeps go through the output head, chunk_size at a time,
+    with the columns ≥ vocab_size dropped. Memory beyond the model's own activations: O(chunk_size · V)
+    float32. Without grad that is all; with grad each chunk runs under activation checkpointing, so its
+    logits are recomputed in the backward pass instead of saved, and no (B, T, V) tensor, float32 or
+    otherwise, is ever alive. Models whose logits are post-processed after the head (Gemma-2 soft-capping,
+    Cohere's logit scale; see _LOGIT_POSTPROCESSING), or that expose no output head, fall back to the full
+    logits (B, T, V) in the model dtype, still gathered chunk by chunk in float32. return_logits=True
+    (for kd_kind="full") also takes that path and returns (logp, logits (B, T, V) over response positions).
+    """
+    T = response_mask.shape[1]
+    P = input_ids.shape[1] - T
+    V = vocab_size or model.config.vocab_size
+    mask = response_mask.bool()
+    targets = input_ids[:, P:][mask]  # (N,) the kept response tokens
+    pos = _positions(attention_mask)
+    head = model.get_output_embeddings()
+    full = return_logits or head is None or any(getattr(model.config, k, None) not in (None, 1, 1.0) for k in _LOGIT_POSTPROCESSING)
+    if full:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits[:, P - 1 : -1]  # (B, T, V)
+        hidden, head = logits[mask], torch.nn.Identity()  # (N, V): "hidden" already are the logits
+    else:
+        h = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
+        hidden = h[:, P - 1 : -1][mask]  # (N, H): the state that predicts each kept response token
+    out = []
+    for i in range(0, hidden.shape[0], chunk_size):
+        args = (head, hidden[i : i + chunk_size], targets[i : i + chunk_size], temperature or 1.0, V)
+        if torch.is_grad_enabled() and hidden.requires_grad and not full:
+            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(*args))
+    logp = torch.zeros(mask.shape, dtype=torch.float32, device=input_ids.device)
+    logp = logp.masked_scatter(mask, torch.cat(out)) if out else logp
+    return (logp, logits) if return_logits else logp
+
+
+# -----------------------------------------------------------------------------
+# Rewards: fn(prompt, completion, example) -> float, 1.0 meaning correct.
+
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(/\d+)?$")
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The final answer: the *last* \\boxed{...} (nested braces allowed), else the last '#### x', else the
+    last 'Answer: x'. None if there is none."""
+    start = text.rfind("\\boxed{")
+    while start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len("\\boxed{") : i - 1].strip()
+        start = text.rfind("\\boxed{", 0, start)  # unclosed: try the one before
+    for pattern in (r"####\s*([^\n]*)", r"[Aa]nswer:\s*([^\n]*)"):
+        found = [m.strip() for m in re.findall(pattern, text) if m.strip()]
+        if found:
+            return found[-1]
+    return None
+
+
+def _as_number(s: str) -> Optional[Fraction]:
+    """'1,234', '-3.50', '+7', '3/4', '\\frac{3}{4}', '$12.' → Fraction; None if not a plain number."""
+    s = s.strip().strip("$").rstrip(".").replace(" ", "")
+    s = re.sub(r"^\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$", r"\1/\2", s)
+    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?", s):  # thousands separators
+        s = s.replace(",", "")
+    if not _NUMBER.match(s):
+        return None
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(pred: str, gold: str) -> bool:
+    """Numerically when both parse as numbers, else as whitespace- and case-normalised strings."""
+    a, b = _as_number(pred), _as_number(str(gold))
+    if a is not None and b is not None:
+        return a == b
+    norm = lambda s: re.sub(r"\s+", "", str(s)).strip("$.").lower()
+    return norm(pred) == norm(gold)
+
+
+def math_reward(prompt: str, completion: str, example: dict) -> float:
+    """1.0 if the completion's final answer (extract_answer) equals example["answer"], else 0.0."""
+    pred = extract_answer(completion)
+    return float(pred is not None and answers_match(pred, example["answer"]))
+
+
+def format_ok(completion: str) -> bool:
+    """The format check: the completion states a final answer that extract_answer can find."""
+    return extract_answer(completion) is not None
+
+
+def score_completions(reward_fn: Callable, examples: list[dict], completions: list[str], group_size: int, format_bonus: float = 0.0):
+    """Rewards and correctness for prompt-major completions. Returns rewards (B,) float32, correct (B,) bool.
+    correct comes from reward_fn alone (score ≥ 1); the format bonus is added afterwards and never counts."""
+    scores = []
+    for i, completion in enumerate(completions):
+        ex = examples[i // group_size]
+        try:
+            scores.append(float(reward_fn(ex["prompt"], completion, ex)))
+        except Exception as e:
+            where = f"line {ex['_line']} " if "_line" in ex else ""
+            raise KDRLError(f"reward function failed on example {where}(prompt {ex['prompt'][:60]!r}): {type(e).__name__}: {e}") from e
+    scores = torch.tensor(scores, dtype=torch.float32)
+    bonus = torch.tensor([format_bonus * format_ok(c) for c in completions], dtype=torch.float32)
+    return scores + bonus, scores >= 1.0
+
+
+# -----------------------------------------------------------------------------
+# The training loop: sample → reward → advantage → teacher log-probs → loss → step → log.
+
+
+def batch_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Example indices for a step: a fresh seeded permutation each epoch, so the data order is a pure
+    function of (seed, step) and a resumed run sees exactly the batches an uninterrupted one would."""
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(k, n)
+        out.append(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[i].item())
+    return out
+
+
+class Timer(dict):
+    """Accumulated wall time per phase: `with timer("sampling"): ...` (synchronises CUDA for honest figures)."""
+
+    def __call__(self, name):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                _sync()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                _sync()
+                timer[name] = timer.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples: list[dict], reward_fn: Callable, cfg: KDRLConfig, batch_size: int = 64) -> dict:
+    """Greedy accuracy, sampled accuracy (one sample at cfg.temperature), mean response length, truncated fraction."""
+    res = dict(greedy=[], sampled=[], length=[], truncated=[])
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        for name, temp in (("greedy", 0.0), ("sampled", cfg.temperature)):
+            ro = sample_rollouts(model, tokenizer, [ex["prompt"] for ex in chunk], 1, cfg.max_new_tokens, temp)
+            _, correct = score_completions(reward_fn, chunk, decode(tokenizer, ro), 1)
+            res[name] += correct.tolist()
+            if name == "greedy":
+                res["length"] += ro.response_mask.sum(1).tolist()
+                res["truncated"] += ro.truncated.tolist()
+    mean = lambda xs: sum(map(float, xs)) / max(len(xs), 1)
+    return dict(acc_greedy=mean(res["greedy"]), acc_sampled=mean(res["sampled"]), length=mean(res["length"]), truncated=mean(res["truncated"]))
+
+
+def decode(tokenizer, ro: Rollouts) -> list[str]:
+    """Response texts, up to and including the first EOS (special tokens dropped)."""
+    ids = ro.response_ids.masked_fill(~ro.response_mask, pad_token_id(tokenizer))
+    return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+
+
+def _rng_state() -> dict:
+    state = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, cfg: KDRLConfig) -> Path:
+    """Write <out>/checkpoint atomically: build it in a temporary directory, then rename it into place,
+    so an interrupted save never leaves a half-written checkpoint and the last good one survives."""
+    final, tmp, old = out / "checkpoint", out / ".checkpoint.tmp", out / ".checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "kdrl_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    torch.save(dict(step=step, optimizer=optimizer.state_dict(), rng=_rng_state()), tmp / "trainer_state.pt")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, student, optimizer) -> int:
+    """Restore the student's weights, the optimizer and the RNG from a checkpoint; returns its step."""
+    if not (path / "trainer_state.pt").exists():
+        raise KDRLError(f"--resume: no checkpoint at {path} (missing trainer_state.pt)")
+    saved = type(student).from_pretrained(path, dtype=next(student.parameters()).dtype)
+    student.load_state_dict(saved.state_dict())
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    return state["step"]
+
+
+def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], reward_fn: Callable, eval_set: Optional[list[dict]] = None) -> dict:
+    """Post-train `student` with cfg.method's loss. Returns a summary: final eval, timings, tokens/s.
+
+    Writes <out>/config.json, <out>/metrics.jsonl (one line per step; eval lines carry "eval": true) and
+    <out>/checkpoint (every save_every steps and at the end). Each step:
+      1. sample G responses per prompt (SFT: from the teacher)   2. rewards and correctness
+      3. group advantages   4. teacher (and, for μ > 1, old-policy) log-probs, no grad
+      5. μ epochs, each one optimizer step with gradients accumulated over minibatches   6. β schedule   7. log
+    """
+    from tqdm.auto import tqdm
+
+    validate_config(cfg)
+    if not train_set:
+        raise KDRLError("the training set is empty")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    student.eval(), teacher.eval()  # dropout off: the update must score the policy that sampled
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = load_checkpoint(out / "checkpoint", student, optimizer) if cfg.resume else 0
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    metrics_path = out / "metrics.jsonl"
+    kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] < start] if cfg.resume and metrics_path.exists() else []
+    metrics_path.write_text("".join(l + "\n" for l in kept))
+
+    G, V, T_s = cfg.group_size, len(tokenizer), cfg.temperature
+    mb = max(G, cfg.minibatch_size // G * G)  # minibatches hold whole groups (the "group" KD mask needs them)
+    needs_teacher = not cfg.sft and (cfg.beta > 0 or cfg.trrd_alpha is not None)
+    timer, n_tokens, summary = Timer(), 0, {}
+    logprobs = lambda model, ro, **kw: token_logprobs(
+        model, ro.input_ids, ro.attention_mask, ro.response_mask, temperature=1.0 if cfg.sft else T_s, vocab_size=V, chunk_size=cfg.logprob_chunk, **kw
+    )
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress, dynamic_ncols=True)
+    for step in bar:
+        batch = [train_set[i] for i in batch_for_step(len(train_set), step, cfg.prompts_per_step, cfg.seed)]
+        beta = beta_schedule(step, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
+
+        with timer("sampling"):  # 1. G responses per prompt, from the current student (SFT: the teacher)
+            ro = sample_rollouts(teacher if cfg.sft else student, tokenizer, [ex["prompt"] for ex in batch], G, cfg.max_new_tokens, T_s, vocab_size=V)
+        rewards, correct = score_completions(reward_fn, batch, decode(tokenizer, ro), G, cfg.format_bonus)  # 2.
+        device = ro.input_ids.device
+        rewards, correct = rewards.to(device), correct.to(device)
+        adv = grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps) if cfg.use_reward else torch.zeros_like(rewards)  # 3.
+        with timer("teacher"):  # 4. teacher (and old-policy) log-probs, no grad
+            with torch.no_grad():
+                teacher_logp = logprobs(teacher, ro) if needs_teacher else torch.zeros_like(ro.logprobs)
+                old_logp = logprobs(student, ro) if cfg.mu > 1 else None
+        B, mask = ro.input_ids.shape[0], ro.response_mask
+        num_tokens = (mask & correct[:, None]).sum().item() if cfg.sft else mask.sum().item()
+        with timer("update"):  # 5. μ epochs; each one optimizer step, gradients accumulated over minibatches
+            for epoch in range(cfg.mu):
+                optimizer.zero_grad(set_to_none=True)
+                parts = []
+                for i in range(0, B, mb):
+                    sl = slice(i, i + mb)
+                    sub = Rollouts(ro.input_ids[sl], ro.attention_mask[sl], mask[sl], ro.logprobs[sl], ro.truncated[sl])
+                    if cfg.sft:  # the SFT baseline: NLL on the teacher's correct samples
+                        loss, m = sft_loss(logprobs(student, sub), mask[sl], correct[sl], num_tokens)
+                    else:
+                        if cfg.kd_kind == "full" and cfg.kd_mode == "loss":
+                            logp, s_logits = logprobs(student, sub, return_logits=True)
+                            with torch.no_grad():
+                                _, t_logits = logprobs(teacher, sub, return_logits=True)
+                            s_logits, t_logits = s_logits / (T_s or 1.0), t_logits / (T_s or 1.0)
+                        else:
+                            logp, s_logits, t_logits = logprobs(student, sub), None, None
+                        old = old_logp[sl] if old_logp is not None else logp.detach()  # μ = 1: ratio exactly 1
+                        loss, m = kdrl_loss(
+                            logp, old, teacher_logp[sl], adv[sl], mask[sl], correct[sl], cfg, beta, s_logits, t_logits,
+                            num_tokens=num_tokens, num_seqs=B, vocab_size=V,
+                        )
+                    if not torch.isfinite(loss):
+                        bad = {k: v for k, v in m.items() if not math.isfinite(v)}
+                        raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {bad or 'none'}); last good checkpoint kept in {out / 'checkpoint'}")
+                    loss.backward()
+                    parts.append((sub.response_mask.sum().item(), m))
+                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf")).item()
+                if not math.isfinite(grad_norm):
+                    raise KDRLError(f"non-finite gradient at step {step} (grad_norm={grad_norm}); last good checkpoint kept in {out / 'checkpoint'}")
+                optimizer.step()
+
+        # 7. log: loss metrics token-weighted over the minibatches of the last epoch
+        total = sum(n for n, _ in parts) or 1
+        row = {k: sum(n * m[k] for n, m in parts) / total for k in parts[0][1]}
+        if not needs_teacher:
+            row.pop("kl_k1", None), row.pop("kl_k3", None)  # no teacher was scored
+        lengths = mask.sum(1).float()
+        row.update(
+            step=step, beta=beta, grad_norm=grad_norm, reward=rewards.mean().item(), acc=correct.float().mean().item(),
+            length=lengths.mean().item(), truncated=ro.truncated.float().mean().item(),
+        )
+        n_tokens += ro.attention_mask.sum().item()
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", kl=f"{row.get('kl_k1', float('nan')):.3f}", len=f"{row['length']:.0f}")
+        if cfg.eval_every and eval_set and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            with timer("eval"):
+                ev = evaluate(student, tokenizer, eval_set[: cfg.eval_limit], reward_fn, cfg)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(dict(step=step, eval=True, **ev)) + "\n")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(out, step + 1, student, tokenizer, optimizer, cfg)
+    bar.close()
+
+    if start < cfg.steps:
+        save_checkpoint(out, cfg.steps, student, tokenizer, optimizer, cfg)
+    if eval_set:
+        with timer("eval"):
+            summary["eval"] = evaluate(student, tokenizer, eval_set[: cfg.eval_limit], reward_fn, cfg)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(dict(step=cfg.steps - 1, eval=True, **summary["eval"])) + "\n")
+    busy = sum(timer.get(k, 0.0) for k in ("sampling", "teacher", "update"))
+    summary.update(time={k: round(v, 3) for k, v in timer.items()}, tokens_per_s=n_tokens / busy if busy else 0.0)
+    if start < cfg.steps:
+        print(
+            f"time: sampling {timer.get('sampling', 0):.1f}s | teacher {timer.get('teacher', 0):.1f}s | update {timer.get('update', 0):.1f}s"
+            f" | eval {timer.get('eval', 0):.1f}s | {summary['tokens_per_s']:.0f} tokens/s (non-pad prompt+response tokens per busy second)"
+        )
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Plumbing: data, models, tokenizer checks, CLI.
+
+
+def load_jsonl(path: str) -> list[dict]:
+    """Rows {"prompt": str, "answer": ...}; errors name the file and line. Each row gets "_line"."""
+    p = Path(path)
+    if not p.is_file():
+        raise KDRLError(f"{path}: no such file")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KDRLError(f"{path}, line {n}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
+            raise KDRLError(f'{path}, line {n}: expected an object with a string "prompt" and an "answer"')
+        rows.append(dict(row, _line=n))
+    if not rows:
+        raise KDRLError(f"{path}: empty dataset")
+    return rows
+
+
+def check_same_tokenizer(student_tok, teacher_tok) -> None:
+    """KD compares log-probs token by token, so both models must mean the same thing by every id.
+    Raises KDRLError naming the first difference: vocabulary, special-token ids, or chat template."""
+    vs, vt = student_tok.get_vocab(), teacher_tok.get_vocab()
+    for tok in sorted(set(vs) | set(vt), key=lambda k: (vs.get(k, vt.get(k)), k)):
+        if vs.get(tok) != vt.get(tok):
+            raise KDRLError(f"student and teacher tokenizers differ: token {tok!r} has id {vs.get(tok)} in the student, {vt.get(tok)} in the teacher")
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(student_tok, attr) != getattr(teacher_tok, attr):
+            raise KDRLError(f"student and teacher tokenizers differ: {attr} is {getattr(student_tok, attr)} in the student, {getattr(teacher_tok, attr)} in the teacher")
+    if getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
+        raise KDRLError("student and teacher tokenizers differ: chat templates are not identical")
+
+
+def check_prompt_lengths(tokenizer, model, examples: list[dict], max_new_tokens: int, source: str) -> None:
+    """Refuse prompts that cannot fit with max_new_tokens into the model's context."""
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if not ctx:
+        return
+    for ex in examples:
+        n = encode_prompts(tokenizer, [ex["prompt"]])[0].shape[1]
+        if n + max_new_tokens > ctx:
+            raise KDRLError(f"{source}, line {ex.get('_line', '?')}: prompt of {n} tokens + max_new_tokens {max_new_tokens} exceeds the context of {ctx}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KDRLError("--device cuda was requested but CUDA is not available")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def load_model(path: str, device: torch.device, dtype: str, role: str):
+    from transformers import AutoModelForCausalLM
+
+    if not Path(path).is_dir():
+        raise KDRLError(f"--{role} {path}: no such directory (models load from local paths only)")
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True).to(device)
+    except (OSError, ValueError) as e:
+        raise KDRLError(f"--{role} {path}: cannot load a causal LM ({e})") from None
+
+
+def load_tokenizer(path: str, role: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise KDRLError(f"--{role} {path}: cannot load a tokenizer ({e})") from None
+    if tok.eos_token_id is None:
+        raise KDRLError(f"--{role} {path}: the tokenizer has no EOS token, so responses could never end")
+    tok.padding_side = "left"
+    return tok
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per KDRLConfig field (--kd-kind for kd_kind), help from the field's docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs, types = field_docs(KDRLConfig), {"int": int, "float": float, "str": str, "Optional[float]": float}
+    for f in dataclasses.fields(KDRLConfig):
+        flag, help_ = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default: {f.default}; a --method preset may change it)"
+        if f.name in _CHOICES or f.name == "method":
+            kw = dict(type=str, choices=_CHOICES.get(f.name, tuple(METHODS)))
+        elif f.type == "bool":
+            kw = dict(action=argparse.BooleanOptionalAction)
+        else:
+            kw = dict(type=types[f.type])
+        parser.add_argument(flag, default=argparse.SUPPRESS, help=help_, **kw)  # SUPPRESS: only explicit flags override the preset
+    return parser
+
+
+def config_from_args(argv=None) -> KDRLConfig:
+    """Defaults ← the --method preset ← explicit flags."""
+    args = vars(build_parser().parse_args(argv))
+    return KDRLConfig(**{**METHODS[args.get("method", KDRLConfig.method)], **args})
+
+
+def main(argv=None) -> int:
+    cfg = config_from_args(argv)
+    try:
+        validate_config(cfg)
+        for name in ("student", "teacher", "train"):
+            if not getattr(cfg, name):
+                raise KDRLError(f"--{name} is required")
+        device = resolve_device(cfg.device)
+        train_set = load_jsonl(cfg.train)
+        eval_set = load_jsonl(cfg.eval) if cfg.eval else None
+        tokenizer = load_tokenizer(cfg.student, "student")
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher, "teacher"))
+        student = load_model(cfg.student, device, cfg.dtype, "student")
+        teacher = load_model(cfg.teacher, device, cfg.dtype, "teacher").requires_grad_(False)
+        for ex_set, src in ((train_set, cfg.train), (eval_set or [], cfg.eval)):
+            check_prompt_lengths(tokenizer, student, ex_set, cfg.max_new_tokens, src)
+        if cfg.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        summary = train(cfg, student, teacher, tokenizer, train_set, math_reward, eval_set)
+    except KDRLError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if "eval" in summary:
+        print("eval: " + " | ".join(f"{k} {v:.3f}" for k, v in summary["eval"].items()))
+    print(f"saved {Path(cfg.out) / 'checkpoint'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
