@@ -521,8 +521,8 @@ def _next_token(logits: torch.Tensor, temperature: float, vocab_size: int) -> tu
     logp = torch.log_softmax(logits[:, :vocab_size].float() / (temperature or 1.0), dim=-1)  # (B, V)
     if temperature == 0:
         token = logp.argmax(-1)
-    else:
-        token = torch.multinomial(logp.exp(), 1).squeeze(1)
+    else:  # exponential race: argmax(log p − log E), E ~ Exp(1), is an exact sample, and never raises on NaN
+        token = (logp - torch.empty_like(logp).exponential_().log()).argmax(-1)
     return token, logp.gather(1, token[:, None]).squeeze(1)
 
 
@@ -560,6 +560,8 @@ def sample_rollouts(
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         next_pos = next_pos + 1
         out = model(input_ids=tokens[:, t : t + 1], attention_mask=attn, position_ids=next_pos[:, None], past_key_values=out.past_key_values, use_cache=True)
+    if not torch.isfinite(logps).all():
+        raise KDRLError("non-finite log-probs while sampling: the model's weights or activations diverged")
     T = t + 1
     tokens, logps, resp_mask = tokens[:, :T], logps[:, :T], resp_mask[:, :T]
     input_ids = torch.cat([ids, tokens], dim=1)
@@ -841,10 +843,14 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress, dynamic_ncols=True)
     for step in bar:
         batch = [train_set[i] for i in batch_for_step(len(train_set), step, cfg.prompts_per_step, cfg.seed)]
+        before = dict(timer)
         beta = beta_schedule(step, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
 
         with timer("sampling"):  # 1. G responses per prompt, from the current student (SFT: the teacher)
-            ro = sample_rollouts(teacher if cfg.sft else student, tokenizer, [ex["prompt"] for ex in batch], G, cfg.max_new_tokens, T_s, vocab_size=V)
+            try:
+                ro = sample_rollouts(teacher if cfg.sft else student, tokenizer, [ex["prompt"] for ex in batch], G, cfg.max_new_tokens, T_s, vocab_size=V)
+            except KDRLError as e:
+                raise KDRLError(f"{e}, at step {step}; last good checkpoint kept in {out / 'checkpoint'}") from None
         rewards, correct = score_completions(reward_fn, batch, decode(tokenizer, ro), G, cfg.format_bonus)  # 2.
         device = ro.input_ids.device
         rewards, correct = rewards.to(device), correct.to(device)
@@ -895,9 +901,10 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
         lengths = mask.sum(1).float()
         row.update(
             step=step, beta=beta, grad_norm=grad_norm, reward=rewards.mean().item(), acc=correct.float().mean().item(),
-            length=lengths.mean().item(), truncated=ro.truncated.float().mean().item(),
+            length=lengths.mean().item(), truncated=ro.truncated.float().mean().item(), tokens=ro.attention_mask.sum().item(),
+            **{f"time_{k}": timer[k] - before.get(k, 0.0) for k in ("sampling", "teacher", "update")},
         )
-        n_tokens += ro.attention_mask.sum().item()
+        n_tokens += row["tokens"]
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", kl=f"{row.get('kl_k1', float('nan')):.3f}", len=f"{row['length']:.0f}")
@@ -983,11 +990,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
+def _check_dir(path: str, role: str) -> None:
+    if not Path(path).is_dir():
+        raise KDRLError(f"--{role} {path}: no such directory (models load from local paths only)")
+
+
 def load_model(path: str, device: torch.device, dtype: str, role: str):
     from transformers import AutoModelForCausalLM
 
-    if not Path(path).is_dir():
-        raise KDRLError(f"--{role} {path}: no such directory (models load from local paths only)")
+    _check_dir(path, role)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True).to(device)
@@ -998,6 +1009,7 @@ def load_model(path: str, device: torch.device, dtype: str, role: str):
 def load_tokenizer(path: str, role: str):
     from transformers import AutoTokenizer
 
+    _check_dir(path, role)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
