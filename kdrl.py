@@ -239,7 +239,8 @@ def kl_estimate(logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str, clamp
 
 
 def _vocab_log_softmax(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    return torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)
+    """log-softmax over the first vocab_size columns, in float32 (float64 stays float64)."""
+    return torch.log_softmax(logits[..., :vocab_size].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 class _FullKL(torch.autograd.Function):
@@ -247,7 +248,7 @@ class _FullKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, t, vocab_size, chunk_size):  # s, t: (N, ≥vocab_size)
-        out = s.new_empty(s.shape[0], dtype=torch.float32)
+        out = s.new_empty(s.shape[0], dtype=torch.promote_types(s.dtype, torch.float32))
         for i in range(0, s.shape[0], chunk_size):
             logp = _vocab_log_softmax(s[i : i + chunk_size], vocab_size)  # (chunk, V) float32
             logq = _vocab_log_softmax(t[i : i + chunk_size], vocab_size)
@@ -272,7 +273,9 @@ class _FullKL(torch.autograd.Function):
 def full_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_size: Optional[int] = None, chunk_size: int = 1024
 ) -> torch.Tensor:
-    """Exact per-position KL(π ‖ π_T) = Σ_v p_v (log p_v − log q_v) over the vocabulary. (..., V) → (...) float32.
+    """Exact per-position KL(π ‖ π_T) = Σ_v p_v (log p_v − log q_v) over the vocabulary. (..., V) → (...).
+
+    Computed in float32 whatever the logits' dtype (bf16 logits included), or float64 for float64 logits.
 
     vocab_size: take both distributions over the first vocab_size columns only, renormalised. Use it when
     the checkpoints pad their logits to different widths (Qwen2.5-0.5B: 151,936; 7B: 152,064) although
@@ -409,10 +412,12 @@ def kdrl_loss(
     With beta = 0 this is exactly the GRPO loss; with zero advantages in "loss" mode, exactly β · KD.
     """
     mask = mask.bool()
+    # Padded slots may hold anything (−inf, nan): zero them *before* any arithmetic, because where() after
+    # the fact protects the forward pass but not the backward one (0 · inf = nan would reach the weights).
+    logp, old_logp, teacher_logp = (torch.where(mask, x, 0.0) for x in (logp, old_logp.detach(), teacher_logp.detach()))
     num_tokens = mask.sum().item() if num_tokens is None else num_tokens
     num_seqs = mask.shape[0] if num_seqs is None else num_seqs
     agg = lambda x: _aggregate(x, mask, cfg.loss_agg, max(num_tokens, 1), max(num_seqs, 1), cfg.max_new_tokens)
-    old_logp, teacher_logp = old_logp.detach(), teacher_logp.detach()
     kd_keep = kd_response_mask(correct, cfg.kd_mask, cfg.group_size)[:, None] & mask  # (B, T)
 
     # Policy term: GRPO's clipped surrogate, or TRRD's teacher-anchored ratio.
@@ -429,13 +434,15 @@ def kdrl_loss(
     pg_loss = agg(-surrogate)
 
     # KD term (loss mode): per-token KL estimate, importance-weighted when the minibatch is off-policy.
-    if cfg.kd_kind == "full":
+    # (In reward mode it is only a metric: the k1 estimate, whose negative is the KD reward.)
+    kind = cfg.kd_kind if cfg.kd_mode == "loss" else "k1"
+    if kind == "full":
         if student_logits is None or teacher_logits is None:
             raise ValueError("kdrl_loss: kd_kind='full' needs student_logits and teacher_logits")
         kd_tok = full_kl(student_logits, teacher_logits, vocab_size)
     else:
-        w = torch.exp(torch.where(mask, logp.detach() - old_logp, 0.0))  # π/π_old of the sampled token
-        kd_tok = w * kl_estimate(logp, teacher_logp, cfg.kd_kind)
+        w = torch.exp(logp.detach() - old_logp)  # π/π_old of the sampled token
+        kd_tok = w * kl_estimate(logp, teacher_logp, kind)
     kd_loss = agg(torch.where(kd_keep, kd_tok, 0.0))
     loss = pg_loss + beta * kd_loss if cfg.kd_mode == "loss" else pg_loss
 
@@ -451,7 +458,7 @@ def kdrl_loss(
             entropy=-mean(logp),
             clip_frac=mean(clipped.to(logp.dtype)),
             ratio=mean(ratio),
-            kd_frac=(kd_keep.sum() / n).item(),
+            kd_frac=kd_keep.sum().item() / n.item(),
         )
     return loss, metrics
 

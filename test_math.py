@@ -1,0 +1,898 @@
+"""Tests of the math in kdrl.py: estimators, advantages, schedules, the KDRL/TRRD loss, SFT.
+
+The central tests enumerate every sequence of a tiny autoregressive model (a table of logits per prefix)
+and take expectations exactly, so the claims in kl_estimate's / kl_reward_to_go's docstrings are checked
+as identities at float64 rounding level, with no sampling. Estimators are always evaluated by calling
+kdrl's own functions; only the *references* (true KLs and their gradients) are written out here, from
+their definitions.
+"""
+import dataclasses
+import functools
+import itertools
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import kdrl
+
+F64 = torch.float64
+_U64 = 2.0**-52  # float64 machine epsilon (spacing at 1; twice the unit roundoff)
+_SETTINGS = dict(derandomize=True, deadline=None, database=None)
+
+
+def _cfg(**overrides) -> kdrl.KDRLConfig:
+    return kdrl.KDRLConfig(**overrides)
+
+
+def _close(actual, expected, rel=1e-10):
+    """assert_close with atol scaled to the magnitude of the reference (float64 rounding level)."""
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale)
+
+
+# -----------------------------------------------------------------------------
+# The tiny autoregressive model, enumerated exactly.
+# Vocab {0..V-1}, token 0 = EOS. A sequence ends at its first EOS (scored, part of the response) or is
+# truncated at length L. The "table" holds one row of logits per non-terminal prefix (no EOS, length < L).
+
+
+@functools.lru_cache(maxsize=None)
+def _tree(V: int, L: int):
+    """Index tensors for every complete sequence and every non-terminal prefix.
+
+    Returns (tok, ctx, mask, ptok, pctx, pmask): for sequence i and position t, tok[i, t] is the token and
+    ctx[i, t] the table row of its context (padded slots: token 0, row 0, mask False). (ptok, pctx, pmask)
+    describe each non-terminal prefix the same way, so that P(reach prefix) = exp(Σ masked log-probs).
+    """
+    prefixes = [p for n in range(L) for p in itertools.product(range(1, V), repeat=n)]
+    row = {p: i for i, p in enumerate(prefixes)}
+    seqs = [p + (0,) for p in prefixes] + list(itertools.product(range(1, V), repeat=L))
+
+    def index(items, width):
+        tok = torch.zeros(len(items), width, dtype=torch.long)
+        ctx = torch.zeros(len(items), width, dtype=torch.long)
+        mask = torch.zeros(len(items), width, dtype=torch.bool)
+        for i, s in enumerate(items):
+            for t, y in enumerate(s):
+                tok[i, t], ctx[i, t], mask[i, t] = y, row[s[:t]], True
+        return tok, ctx, mask
+
+    return index(seqs, L) + index(prefixes, max(L - 1, 1))
+
+
+def _num_rows(V: int, L: int) -> int:
+    return sum((V - 1) ** n for n in range(L))
+
+
+def _token_logp(table, tok, ctx, mask):
+    """(N, W) log-probs of the given tokens under the table; padded slots hold 0 (harmless)."""
+    lsm = torch.log_softmax(table, dim=-1)  # (rows, V)
+    return torch.where(mask, lsm[ctx, tok], 0.0)
+
+
+def _seq_batch(table, V, L):
+    tok, ctx, mask, *_ = _tree(V, L)
+    return _token_logp(table, tok, ctx, mask), mask
+
+
+def _reach(table, V, L):
+    """P(reach s) for every non-terminal prefix s (row order of the table). Differentiable."""
+    *_, ptok, pctx, pmask = _tree(V, L)
+    return _token_logp(table, ptok, pctx, pmask).sum(1).exp()
+
+
+def _row_kl(a, b):
+    """KL(softmax(a) ‖ softmax(b)) per row, from the definition."""
+    return (torch.softmax(a, -1) * (torch.log_softmax(a, -1) - torch.log_softmax(b, -1))).sum(-1)
+
+
+def _grad(scalar, table):
+    return torch.autograd.grad(scalar, table)[0]
+
+
+def _expected_kd_grad(student, teacher, V, L, cfg, sampler=None, old=None):
+    """Σ_seq P_sampler(seq) · ∇[L · kdrl_loss(seq)], one sequence per kdrl_loss call (B = 1, num_seqs = 1).
+
+    sampler: the table that samples (weights P(seq), detached; default the student itself).
+    old: the table whose log-probs are passed as old_logp (default: logp.detach(), i.e. μ = 1).
+    """
+    logp, mask = _seq_batch(student, V, L)
+    tlogp, _ = _seq_batch(teacher, V, L)
+    old_logp = logp.detach() if old is None else _seq_batch(old, V, L)[0]
+    weights = (logp if sampler is None else _seq_batch(sampler, V, L)[0]).sum(1).exp().detach()
+    zero_adv, not_correct = torch.zeros(1, dtype=F64), torch.zeros(1, dtype=torch.bool)
+    total = 0.0
+    for i in range(logp.shape[0]):
+        loss, _ = kdrl.kdrl_loss(
+            logp[i : i + 1], old_logp[i : i + 1], tlogp[i : i + 1], zero_adv, mask[i : i + 1], not_correct, cfg, 1.0,
+            num_seqs=1,
+        )
+        total = total + weights[i] * loss * L
+    return _grad(total, student)
+
+
+def _enum_cfg(L, **overrides):
+    return _cfg(**{**dict(loss_agg="constant", max_new_tokens=L, kd_mode="loss", beta=1.0), **overrides})
+
+
+@st.composite
+def _tables(draw, n: int):
+    """(V, L, [n logit tables]) with V in 2..4, L in 2..4, logits in [-5, 5]; the first one requires grad."""
+    V, L = draw(st.integers(2, 4)), draw(st.integers(2, 4))
+    size = _num_rows(V, L) * V
+    logit = st.floats(-5.0, 5.0, allow_nan=False, allow_infinity=False)
+    tabs = [torch.tensor(draw(st.lists(logit, min_size=size, max_size=size)), dtype=F64).view(-1, V) for _ in range(n)]
+    tabs[0].requires_grad_(True)
+    return V, L, tabs
+
+
+def _largest_case(n: int):
+    """An explicit (V, L) = (4, 4) example (121 sequences), so the largest tree is always exercised."""
+    rows = _num_rows(4, 4)
+    tabs = [5 * torch.linspace(-3.0 + k, 4.0 + 2 * k, rows * 4, dtype=F64).view(rows, 4).sin() for k in range(n)]
+    tabs[0].requires_grad_(True)
+    return 4, 4, tabs
+
+
+# Fixed, hand-picked tables (V = 3, L = 3: 7 non-terminal prefixes) for the "differs by a clear margin" tests.
+_FIX_V, _FIX_L = 3, 3
+_FIX_STUDENT = [[0.5, -1.0, 2.0], [1.5, 0.0, -0.5], [-2.0, 1.0, 0.3], [0.0, 2.5, -1.5],
+                [1.0, -0.7, 0.4], [-0.3, 0.8, -2.2], [2.0, 0.1, -1.0]]  # fmt: skip
+_FIX_TEACHER = [[-0.5, 1.2, 0.3], [0.2, -1.3, 1.7], [1.1, 0.4, -0.9], [-1.4, 0.6, 2.1],
+                [0.3, 1.9, -0.2], [1.6, -0.8, 0.5], [-0.6, -1.1, 1.3]]  # fmt: skip
+_FIX_OLD = [[1.5, -0.2, 0.0], [-1.0, 0.9, 0.4], [0.7, -1.6, 1.2], [2.0, -0.5, 0.1],
+            [-1.2, 0.3, 1.0], [0.4, -2.0, 0.6], [0.9, 1.4, -0.8]]  # fmt: skip
+
+
+def _fixed(rows, grad=False):
+    return torch.tensor(rows, dtype=F64, requires_grad=grad)
+
+
+def test_tree_enumeration_is_a_distribution():
+    """The enumeration is complete and disjoint: exact probabilities of all sequences sum to 1, and the
+    sequence count is Σ_{n<L} (V−1)^n ended by EOS plus (V−1)^L truncated."""
+    for V, L in itertools.product(range(2, 5), range(2, 5)):
+        table = torch.linspace(-3, 4, _num_rows(V, L) * V, dtype=F64).view(-1, V).sin() * 5
+        logp, mask = _seq_batch(table, V, L)
+        assert logp.shape[0] == _num_rows(V, L) + (V - 1) ** L
+        assert abs(logp.sum(1).exp().sum().item() - 1.0) < 1e-13
+
+
+# -----------------------------------------------------------------------------
+# 1. Exact enumeration through the real functions.
+
+
+@settings(max_examples=25, **_SETTINGS)
+@given(_tables(2))
+@example(_largest_case(2))
+def test_enum_k1_k3_values_are_unbiased_for_sequence_kl(data):
+    """(a) E[Σ_t k1] = E[Σ_t k3] = KL(P ‖ P_T) over whole sequences, exactly (kl_estimate on the masked batch)."""
+    V, L, (student, teacher) = data
+    logp, mask = _seq_batch(student.detach(), V, L)
+    tlogp, _ = _seq_batch(teacher, V, L)
+    P, PT = logp.sum(1).exp(), tlogp.sum(1).exp()
+    seq_kl = (P * (P.log() - PT.log())).sum()
+    for kind in ("k1", "k3"):
+        per_seq = torch.where(mask, kdrl.kl_estimate(logp, tlogp, kind), 0.0).sum(1)
+        _close((P * per_seq).sum(), seq_kl)
+    assert seq_kl.item() >= -1e-12
+
+
+@settings(max_examples=20, **_SETTINGS)
+@given(_tables(2))
+@example(_largest_case(2))
+def test_enum_loss_gradients_k1_k2_k3(data):
+    """(b) E[∇ Σ k2] = ∇ token-level reverse KL Σ_s P(s)·KL(π(·|s) ‖ π_T(·|s)) (P(s) held fixed);
+    (c) E[∇ Σ k3] = ∇ token-level *forward* KL Σ_s P(s)·KL(π_T(·|s) ‖ π(·|s));
+    (d) E[∇ Σ k1] = 0. All through kdrl_loss, one sequence per call."""
+    V, L, (student, teacher) = data
+    reach = _reach(student, V, L).detach()
+    reverse = _grad((reach * _row_kl(student, teacher)).sum(), student)
+    forward = _grad((reach * _row_kl(teacher, student)).sum(), student)
+    _close(_expected_kd_grad(student, teacher, V, L, _enum_cfg(L, kd_kind="k2")), reverse)
+    _close(_expected_kd_grad(student, teacher, V, L, _enum_cfg(L, kd_kind="k3")), forward)
+    g1 = _expected_kd_grad(student, teacher, V, L, _enum_cfg(L, kd_kind="k1"))
+    torch.testing.assert_close(g1, torch.zeros_like(g1), rtol=0, atol=1e-12)
+
+
+@settings(max_examples=20, **_SETTINGS)
+@given(_tables(2))
+@example(_largest_case(2))
+def test_enum_reward_to_go_gamma1_is_sequence_kl_gradient(data):
+    """(e) kd_mode="reward", γ = 1, constant agg: E[∇loss] is the *full* gradient of the sequence-level reverse
+    KL Σ P log(P/P_T) (P not detached), and equals −E[Σ_t G_t ∇log π_t] built from kl_reward_to_go.
+    With γ = 0 it is the token-level reverse KL gradient of (b)."""
+    V, L, (student, teacher) = data
+    logp, mask = _seq_batch(student, V, L)
+    tlogp, _ = _seq_batch(teacher, V, L)
+    P, PT = logp.sum(1).exp(), tlogp.sum(1).exp()
+    seq_kl_grad = _grad((P * (P.log() - PT.log())).sum(), student)
+
+    via_loss = _expected_kd_grad(student, teacher, V, L, _enum_cfg(L, kd_mode="reward", kd_gamma=1.0))
+    _close(via_loss, seq_kl_grad)
+    logp, _ = _seq_batch(student, V, L)  # fresh graph
+    G = kdrl.kl_reward_to_go(logp, tlogp, mask, 1.0)
+    assert not G.requires_grad
+    direct = _grad(-(P.detach()[:, None] * G * logp).sum(), student)
+    _close(direct, seq_kl_grad)
+
+    reach = _reach(student, V, L).detach()
+    token_reverse = _grad((reach * _row_kl(student, teacher)).sum(), student)
+    via_loss0 = _expected_kd_grad(student, teacher, V, L, _enum_cfg(L, kd_mode="reward", kd_gamma=0.0))
+    _close(via_loss0, token_reverse)
+
+
+def test_enum_sequence_and_token_level_gradients_differ():
+    """On a fixed table the γ = 1 (sequence-level) and γ = 0 / k2 (token-level) gradients differ clearly:
+    token-level losses miss how a token changes which later contexts occur."""
+    student, teacher = _fixed(_FIX_STUDENT, grad=True), _fixed(_FIX_TEACHER)
+    V, L = _FIX_V, _FIX_L
+    g_seq = _expected_kd_grad(student, teacher, V, L, _enum_cfg(L, kd_mode="reward", kd_gamma=1.0))
+    g_k2 = _expected_kd_grad(student, teacher, V, L, _enum_cfg(L, kd_kind="k2"))
+    assert (g_seq - g_k2).abs().max().item() > 1e-3
+
+
+@settings(max_examples=15, **_SETTINGS)
+@given(_tables(3))
+@example(_largest_case(3))
+def test_enum_off_policy_ratio_weight_is_exact(data):
+    """Samples from an old table θ_old (weights P_old, old_logp from θ_old), k2, advantages 0: the detached
+    per-token weight π/π_old makes E_old[∇loss] = ∇ Σ_s P_old(s) · KL(π_θ(·|s) ‖ π_T(·|s)) exactly."""
+    V, L, (student, teacher, old) = data
+    reach_old = _reach(old, V, L)
+    ref = _grad((reach_old * _row_kl(student, teacher)).sum(), student)
+    _close(_expected_kd_grad(student, teacher, V, L, _enum_cfg(L, kd_kind="k2"), sampler=old, old=old), ref)
+
+
+def test_enum_off_policy_weight_is_needed():
+    """Without the weight (old_logp = logp.detach() on the same P_old samples) the result is clearly wrong,
+    so the previous test is not vacuous."""
+    student, teacher, old = _fixed(_FIX_STUDENT, grad=True), _fixed(_FIX_TEACHER), _fixed(_FIX_OLD)
+    V, L = _FIX_V, _FIX_L
+    ref = _grad((_reach(old, V, L) * _row_kl(student, teacher)).sum(), student)
+    cfg = _enum_cfg(L, kd_kind="k2")
+    weighted = _expected_kd_grad(student, teacher, V, L, cfg, sampler=old, old=old)
+    unweighted = _expected_kd_grad(student, teacher, V, L, cfg, sampler=old)
+    _close(weighted, ref)
+    assert (unweighted - ref).abs().max().item() > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# 2. kl_estimate
+
+
+def _k3_grid(dtype):
+    d = torch.linspace(-100, 100, 2001, dtype=F64)
+    d = d[d.abs() > 1e-3]
+    extra = torch.tensor([-100.0, -88.0, -87.5, -20.5, -20.0, -19.99, -1e-2, 1e-2, 20.0, 88.0, 100.0], dtype=F64)
+    return torch.cat([d, extra]).to(dtype)
+
+
+def test_kl_estimate_k3_float32_finite_with_correct_gradient_sign():
+    """k3 in float32 on d ∈ [−100, 100]: value and gradient finite everywhere (no exp overflow), value ≥ 0 up to
+    rounding, and the gradient has the sign of d, also beyond the clamp (d < −20)."""
+    d = _k3_grid(torch.float32).requires_grad_(True)
+    teacher = torch.zeros_like(d)
+    k = kdrl.kl_estimate(d, teacher, "k3")
+    k.sum().backward()
+    assert torch.isfinite(k).all() and torch.isfinite(d.grad).all()
+    assert (k >= -1e-6).all()
+    assert torch.equal(torch.sign(d.grad), torch.sign(d.detach()))
+
+
+def test_kl_estimate_k3_exact_inside_clamp_and_tangent_outside():
+    """float64: |d| ≤ clamp: value e^(−d) − 1 + d and gradient 1 − e^(−d) to rounding. d < −clamp: the tangent
+    continuation, value e^c (1 − c − d) − 1 + d and gradient held at 1 − e^c (docstring contract)."""
+    for clamp in (20.0, 5.0):
+        d = torch.linspace(-clamp, clamp, 4001, dtype=F64).requires_grad_(True)
+        k = kdrl.kl_estimate(d, torch.zeros_like(d), "k3", clamp=clamp)
+        (g,) = torch.autograd.grad(k.sum(), d)
+        x = d.detach()
+        tol = 4 * _U64 * (torch.exp(-x) + 1 + x.abs()) * (1 + x.abs())
+        assert ((k.detach() - (torch.exp(-x) - 1 + x)).abs() <= tol).all()
+        assert ((g - (1 - torch.exp(-x))).abs() <= tol).all()
+
+        d = torch.linspace(-clamp - 80, -clamp - 1e-3, 999, dtype=F64).requires_grad_(True)
+        k = kdrl.kl_estimate(d, torch.zeros_like(d), "k3", clamp=clamp)
+        (g,) = torch.autograd.grad(k.sum(), d)
+        x, ec = d.detach(), math.exp(clamp)
+        tangent = ec * (1 - clamp - x) - 1 + x
+        _close(k.detach(), tangent, rel=1e-13)
+        _close(g, torch.full_like(g, 1 - ec), rel=1e-13)
+
+
+def test_kl_estimate_k1_k2_and_teacher_is_constant():
+    """k1 = d, k2 = d²/2 with gradients 1 and d; the teacher never receives a gradient even when it
+    requires grad; an unknown kind raises ValueError."""
+    logp = torch.tensor([-0.3, -2.0, -5.5, -0.01], dtype=F64, requires_grad=True)
+    teacher = torch.tensor([-1.3, -0.2, -5.5, -7.0], dtype=F64, requires_grad=True)
+    d = (logp - teacher).detach()
+    k1 = kdrl.kl_estimate(logp, teacher, "k1")
+    k2 = kdrl.kl_estimate(logp, teacher, "k2")
+    assert torch.equal(k1.detach(), d) and torch.equal(k2.detach(), 0.5 * d * d)
+    assert torch.equal(torch.autograd.grad(k1.sum(), logp)[0], torch.ones_like(d))
+    assert torch.equal(torch.autograd.grad(k2.sum(), logp)[0], d)
+    for kind in ("k1", "k2", "k3"):
+        kdrl.kl_estimate(logp, teacher, kind).sum().backward()
+        assert teacher.grad is None and logp.grad is not None
+    for kind in ("k4", "full", "K2"):
+        with pytest.raises(ValueError):
+            kdrl.kl_estimate(logp, teacher, kind)
+
+
+# -----------------------------------------------------------------------------
+# 3. full_kl (computes in float32 by design: tolerances are float32 rounding, 2^-24 ≈ 6e-8).
+
+_U32 = 2.0**-23  # float32 machine epsilon
+
+
+def _logits(*shape, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=F64) * scale
+
+
+def _f32_tol(s, t):
+    """Per-row float32 rounding bound: a few ulps of the largest log-prob magnitude involved."""
+    m = s.abs().amax(-1) + t.abs().amax(-1) + 1
+    return 4 * _U32 * m
+
+
+def test_full_kl_matches_definition_value_and_gradient():
+    """full_kl = Σ_v p (log p − log q) and its custom backward = autograd of that formula (float64 reference,
+    float64 in, float64 out, to rounding; float32 in, float32 out, to float32 rounding; the teacher gets no gradient."""
+    s = _logits(13, 7, seed=1).requires_grad_(True)
+    t = _logits(13, 7, seed=2).requires_grad_(True)
+    g_out = _logits(13, seed=3, scale=1.0)
+    ref = _row_kl(s, t)
+    (ref_grad,) = torch.autograd.grad((ref * g_out).sum(), s)
+    out = kdrl.full_kl(s, t)
+    assert out.shape == (13,) and out.dtype == F64
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    (out * g_out).sum().backward()
+    assert s.grad.dtype == F64 and t.grad is None
+    torch.testing.assert_close(s.grad, ref_grad, rtol=1e-10, atol=1e-12)
+    s32 = s.detach().float().requires_grad_(True)
+    out32 = kdrl.full_kl(s32, t.detach().float())
+    assert out32.dtype == torch.float32
+    assert ((out32.double() - ref.detach()).abs() <= _f32_tol(s, t).detach()).all()
+    (out32.double() * g_out).sum().backward()
+    assert ((s32.grad.double() - ref_grad).abs() <= _f32_tol(s, t).detach()[:, None]).all()
+    assert ref_grad.abs().max() > 1000 * _f32_tol(s, t).max()  # the tolerance is far below the signal
+
+
+def test_full_kl_chunking_is_invisible():
+    """chunk_size = 1, 3 on 13 (prime) positions gives bit-identical values and gradients to one chunk."""
+    s, t, g_out = _logits(13, 11, seed=4), _logits(13, 11, seed=5), _logits(13, seed=6, scale=1.0)
+    results = []
+    for chunk in (1, 3, 1024):
+        x = s.clone().requires_grad_(True)
+        out = kdrl.full_kl(x, t, chunk_size=chunk)
+        out.backward(g_out.float())
+        results.append((out, x.grad))
+    for out, grad in results[:-1]:
+        assert torch.equal(out, results[-1][0]) and torch.equal(grad, results[-1][1])
+
+
+def test_full_kl_leading_dims():
+    """(B, T, V) → (B, T), each position equal to the flat computation."""
+    s, t = _logits(2, 3, 5, seed=7), _logits(2, 3, 5, seed=8)
+    out = kdrl.full_kl(s, t)
+    assert out.shape == (2, 3)
+    assert torch.equal(out, kdrl.full_kl(s.reshape(6, 5), t.reshape(6, 5)).view(2, 3))
+    assert ((out.double() - _row_kl(s, t)).abs() <= _f32_tol(s, t)).all()
+
+
+def test_full_kl_padded_vocab_widths():
+    """Student width 6, teacher width 9, vocab_size 5: the KL of the first 5 columns renormalised (the padded
+    columns hold large logits that would dominate if used), and the padded student column gets exactly 0 grad."""
+    s = _logits(4, 3, 6, seed=9)
+    t = _logits(4, 3, 9, seed=10)
+    s[..., 5:] = 30.0
+    t[..., 5:] = 40.0
+    s.requires_grad_(True)
+    ref = _row_kl(s[..., :5], t[..., :5])
+    (ref_grad,) = torch.autograd.grad(ref.sum(), s)
+    out = kdrl.full_kl(s, t, vocab_size=5)
+    assert out.shape == (4, 3)
+    tol = _f32_tol(s[..., :5], t[..., :5]).detach()
+    assert ((out.double() - ref.detach()).abs() <= tol).all()
+    out.sum().backward()
+    assert torch.equal(s.grad[..., 5:], torch.zeros_like(s.grad[..., 5:]))
+    assert ((s.grad[..., :5] - ref_grad[..., :5]).abs() <= tol[..., None]).all()
+
+
+def test_full_kl_rejects_bad_shapes():
+    """Different widths without vocab_size, different leading dims, vocab_size above a width: ValueError."""
+    with pytest.raises(ValueError):
+        kdrl.full_kl(_logits(2, 6), _logits(2, 9))
+    with pytest.raises(ValueError):
+        kdrl.full_kl(_logits(2, 3, 5), _logits(3, 2, 5))
+    with pytest.raises(ValueError):
+        kdrl.full_kl(_logits(6, 5), _logits(2, 3, 5))
+    with pytest.raises(ValueError):
+        kdrl.full_kl(_logits(2, 6), _logits(2, 9), vocab_size=7)
+    with pytest.raises(ValueError):
+        kdrl.full_kl(_logits(2, 6), _logits(2, 6), vocab_size=7)
+
+
+# -----------------------------------------------------------------------------
+# kl_reward_to_go (small direct checks; its gradient claims are proved by enumeration above)
+
+
+def test_kl_reward_to_go_masks_and_detaches():
+    """G_t = Σ_{t'≥t} γ^(t'−t) (teacher − logp)_t' within the mask, 0 on padding (even garbage), detached."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5, float("nan")], [-0.25, float("inf"), 7.0, 1.0]], dtype=F64, requires_grad=True)
+    teacher = torch.tensor([[-2.0, -1.0, -1.5, float("-inf")], [-0.75, 3.0, float("nan"), 1.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    G1 = kdrl.kl_reward_to_go(logp, teacher, mask, 1.0)
+    Gh = kdrl.kl_reward_to_go(logp, teacher, mask, 0.5)
+    G0 = kdrl.kl_reward_to_go(logp, teacher, mask, 0.0)
+    assert not G1.requires_grad
+    assert torch.equal(G1, torch.tensor([[-1.0, 0.0, -1.0, 0.0], [-0.5, 0, 0, 0]], dtype=F64))
+    assert torch.equal(Gh, torch.tensor([[-1.0 + 0.5 * (1.0 + 0.5 * -1.0), 1.0 + 0.5 * -1.0, -1.0, 0.0], [-0.5, 0, 0, 0]], dtype=F64))
+    assert torch.equal(G0, torch.tensor([[-1.0, 1.0, -1.0, 0.0], [-0.5, 0, 0, 0]], dtype=F64))
+
+
+# -----------------------------------------------------------------------------
+# 4. grpo_advantages, against an exact rational reference.
+
+
+def _adv_reference(rewards, G, eps, scale_by_std=True):
+    """Exact-arithmetic reference (Fractions, then one rounding) and a float64 rounding bound per entry.
+
+    Returns (A_ref, tol, std_ref). tol covers the float error of computing mean, centring and the sample std:
+    |ΔA| ≲ (G+2)·u·max|r|·(1+|A|)/(s+eps) + (G+2)·u·|A|, times a safety factor 4.
+    """
+    A, tol, S = [], [], []
+    for g in range(len(rewards) // G):
+        r = [Fraction(x) for x in rewards[g * G : (g + 1) * G]]
+        m = sum(r) / G
+        var = sum((x - m) ** 2 for x in r) / (G - 1) if G > 1 else Fraction(0)
+        s = math.sqrt(float(var))
+        denom = (s + eps) if (scale_by_std and G > 1) else 1.0
+        M = float(max(abs(x) for x in r))
+        for x in r:
+            if var != 0 and denom == 0:  # eps = 0 and the std underflows: no finite reference, no claim
+                A.append(0.0)
+                tol.append(math.inf)
+                S.append(s)
+                continue
+            a = 0.0 if var == 0 else float(x - m) / denom
+            A.append(a)
+            tol.append(0.0 if var == 0 else 4 * (G + 2) * _U64 * (M * (1 + abs(a)) / denom + abs(a)))
+            S.append(s)
+    return torch.tensor(A, dtype=F64), torch.tensor(tol, dtype=F64), torch.tensor(S, dtype=F64)
+
+
+@st.composite
+def _reward_batches(draw, lo=-1e6, hi=1e6):
+    G, n = draw(st.integers(1, 6)), draw(st.integers(1, 5))
+    val = st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+    rewards = []
+    for _ in range(n):
+        if draw(st.booleans()):
+            rewards += draw(st.lists(val, min_size=G, max_size=G))
+        else:
+            rewards += [draw(val)] * G  # a constant group
+    return G, rewards
+
+
+@settings(max_examples=200, **_SETTINGS)
+@given(_reward_batches())
+def test_grpo_advantages_exact_reference_zero_mean_and_constant_groups(batch):
+    """A = (r − mean)/(std_Bessel + eps) per group to float64 rounding; per-group mean 0; constant groups and
+    groups of size 1 exactly 0; never NaN."""
+    G, rewards = batch
+    r = torch.tensor(rewards, dtype=F64)
+    A = kdrl.grpo_advantages(r, G)
+    A_ref, tol, _ = _adv_reference(rewards, G, 1e-6)
+    assert A.shape == r.shape and torch.isfinite(A).all()
+    assert ((A - A_ref).abs() <= tol).all()
+    for g in range(len(rewards) // G):
+        sl = slice(g * G, (g + 1) * G)
+        if G == 1 or len(set(rewards[sl])) == 1:
+            assert torch.equal(A[sl], torch.zeros(G, dtype=F64))
+        assert abs(A[sl].sum().item()) <= tol[sl].sum().item() + 4 * G * _U64 * (1 + A[sl].abs().max().item())
+
+
+def test_grpo_advantages_constant_group_residue_is_exactly_zero():
+    """[0.1, 0.1, 0.1] centres to float residue in general; the result must still be exactly 0 (not ±0.8)."""
+    for dtype in (torch.float32, F64):
+        r = torch.tensor([0.1, 0.1, 0.1, 0.0, 1.0, 1.0, 0.3, 0.3, 0.3], dtype=dtype)
+        A = kdrl.grpo_advantages(r, 3)
+        assert torch.equal(A[:3], torch.zeros(3, dtype=dtype)) and torch.equal(A[6:], torch.zeros(3, dtype=dtype))
+        assert (A[3:6] != 0).all()
+    assert torch.equal(kdrl.grpo_advantages(torch.tensor([0.3, -2.0, 5.0], dtype=F64), 1), torch.zeros(3, dtype=F64))
+
+
+@settings(max_examples=200, **_SETTINGS)
+@given(_reward_batches(-1e3, 1e3), st.floats(1e-3, 1e3), st.floats(-1e3, 1e3))
+def test_grpo_advantages_affine_invariance(batch, a, b):
+    """r → a·r + b (a > 0). eps = 0: A unchanged to float64 rounding. Default eps: A' − A = A·eps(1 − 1/a)/(s + eps/a)
+    exactly before rounding, so the relative change is bounded by eps·|1 − 1/a|/(s + eps/a) and the bound is attained."""
+    G, rewards = batch
+    r = torch.tensor(rewards, dtype=F64)
+    r2 = a * r + b
+    A_ref, tol, s = _adv_reference(rewards, G, 0.0)
+    _, tol2, _ = _adv_reference(r2.tolist(), G, 0.0)
+    M = (a * r).abs().view(-1, G).amax(1).repeat_interleave(G) + abs(b)
+    # rounding of a·r + b itself (≤ u·(|a·r| + |b|) per reward), seen through A: ≤ 2u·M/(a·s)·(1 + |A|).
+    round_tol = torch.where(s > 0, 4 * _U64 * M / (a * s) * (1 + A_ref.abs()), 0.0)
+    total_tol = tol + tol2 + round_tol
+    ok = torch.isfinite(total_tol)  # eps = 0 makes no claim where the float std underflows to 0
+
+    A0, A0b = kdrl.grpo_advantages(r, G, eps=0.0), kdrl.grpo_advantages(r2, G, eps=0.0)
+    assert ((A0b - A0).abs() <= total_tol)[ok].all()
+
+    eps = 1e-6
+    A, Ab = kdrl.grpo_advantages(r, G), kdrl.grpo_advantages(r2, G)
+    predicted = torch.where(s > 0, A.abs() * eps * abs(1 - 1 / a) / (s + eps / a), 0.0)
+    assert ((Ab - A).abs() <= predicted + total_tol)[ok].all()
+    assert ((Ab - A).abs() >= predicted - total_tol)[ok].all()
+
+
+@settings(max_examples=100, **_SETTINGS)
+@given(_reward_batches(), st.randoms(use_true_random=False))
+def test_grpo_advantages_permutation_equivariant(batch, rnd):
+    """Permuting responses within a group permutes their advantages (to summation-order rounding)."""
+    G, rewards = batch
+    perm = []
+    for g in range(len(rewards) // G):
+        idx = list(range(g * G, (g + 1) * G))
+        rnd.shuffle(idx)
+        perm += idx
+    perm = torch.tensor(perm)
+    r = torch.tensor(rewards, dtype=F64)
+    _, tol, _ = _adv_reference(rewards, G, 1e-6)
+    A, Ap = kdrl.grpo_advantages(r, G), kdrl.grpo_advantages(r[perm], G)
+    assert ((Ap - A[perm]).abs() <= 2 * tol[perm]).all()
+
+
+@settings(max_examples=100, **_SETTINGS)
+@given(st.integers(2, 6), st.lists(st.tuples(st.floats(-9.99, 9.99), st.integers(-300, 150)), min_size=12, max_size=12))
+def test_grpo_advantages_finite_for_huge_and_tiny_rewards(G, parts):
+    """Rewards of magnitude 1e-300 … 1e151, mixed within a group: every advantage is finite and |A| ≤ (G−1)/√G
+    (Samuelson's bound for the Bessel std); a group of size 1 is still exactly 0."""
+    rewards = [m * 10.0**e for m, e in parts][: (12 // G) * G]
+    r = torch.tensor(rewards, dtype=F64)
+    A = kdrl.grpo_advantages(r, G)
+    assert torch.isfinite(A).all()
+    assert (A.abs() <= (G - 1) / math.sqrt(G) * (1 + 1e-12)).all()
+    assert torch.equal(kdrl.grpo_advantages(r, 1), torch.zeros_like(r))
+
+
+@settings(max_examples=100, **_SETTINGS)
+@given(_reward_batches())
+def test_grpo_advantages_mean_only(batch):
+    """scale_by_std=False (Dr.GRPO): plain centring r − mean, to rounding; constant groups exactly 0."""
+    G, rewards = batch
+    A = kdrl.grpo_advantages(torch.tensor(rewards, dtype=F64), G, scale_by_std=False)
+    A_ref, tol, _ = _adv_reference(rewards, G, 0.0, scale_by_std=False)
+    assert ((A - A_ref).abs() <= tol).all()
+
+
+def test_grpo_advantages_wrong_shape_raises():
+    """A 2-D batch or a length that is not a multiple of group_size raises ValueError."""
+    with pytest.raises(ValueError):
+        kdrl.grpo_advantages(torch.zeros(2, 3), 3)
+    with pytest.raises(ValueError):
+        kdrl.grpo_advantages(torch.zeros(7), 3)
+
+
+# -----------------------------------------------------------------------------
+# 5. beta_schedule
+
+
+def test_beta_schedule():
+    """Constant without beta_min or decay_steps; KDRL-Annealing 5e-3 → 1e-3 over 80 steps is linear, then held;
+    the kdrl-anneal preset uses exactly these numbers."""
+    for step in (0, 1, 79, 10_000):
+        assert kdrl.beta_schedule(step, 5e-3) == 5e-3
+        assert kdrl.beta_schedule(step, 5e-3, None, 80) == 5e-3
+        assert kdrl.beta_schedule(step, 5e-3, 1e-3, 0) == 5e-3
+    p = kdrl.METHODS["kdrl-anneal"]
+    args = (p["beta"], p["beta_min"], p["beta_decay_steps"])
+    assert args == (5e-3, 1e-3, 80)
+    expected = {0: 5e-3, 20: 4e-3, 40: 3e-3, 80: 1e-3, 81: 1e-3, 200: 1e-3}
+    for step, beta in expected.items():
+        assert kdrl.beta_schedule(step, *args) == pytest.approx(beta, rel=1e-14, abs=0)
+    assert kdrl.beta_schedule(0, *args) == 5e-3
+    assert kdrl.beta_schedule(200, *args) == kdrl.beta_schedule(80, *args)
+    values = [kdrl.beta_schedule(s, *args) for s in range(100)]
+    assert all(x >= y for x, y in zip(values, values[1:]))
+
+
+# -----------------------------------------------------------------------------
+# 6. kdrl_loss
+
+
+def _batch(B=4, T=6, seed=0, lengths=(6, 4, 1, 3)):
+    """A float64 response batch with old ≠ logp (so the clip bites) and a teacher far enough to clamp in TRRD."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.rand(*s, generator=g, dtype=F64)
+    logp = -3 * rnd(B, T) - 0.05
+    old = logp + 0.6 * (rnd(B, T) - 0.5)
+    teacher = logp + 3.0 * (rnd(B, T) - 0.5)
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths[:B])[:, None]
+    adv = torch.tensor([1.3, -0.7, 0.4, -1.1, 0.9, -0.2][:B], dtype=F64)
+    correct = torch.tensor([True, False, False, True, False, False][:B])
+    return logp.requires_grad_(True), old, teacher, adv, mask, correct
+
+
+def _call(logp, old, teacher, adv, mask, correct, cfg, beta, **kw):
+    loss, metrics = kdrl.kdrl_loss(logp, old, teacher, adv, mask, correct, cfg, beta, **kw)
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss.detach(), grad, metrics
+
+
+def _grpo_loop(logp, old, adv, mask, cfg):
+    """Naive per-token reference of GRPO's clipped surrogate, written with Python loops and min/max."""
+    lo, hi = 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high
+    B, T = logp.shape
+    seq_sums, seq_lens = [], []
+    for b in range(B):
+        total, n = 0.0, 0
+        A = float(adv[b])
+        for t in range(T):
+            if mask[b, t]:
+                rho = torch.exp(logp[b, t] - old[b, t])
+                clipped = min(max(rho, lo), hi)
+                total = total - min(rho * A, clipped * A)
+                n += 1
+        seq_sums.append(total)
+        seq_lens.append(n)
+    if cfg.loss_agg == "token-mean":
+        return sum(seq_sums) / sum(seq_lens)
+    if cfg.loss_agg == "seq-mean":
+        return sum(s / max(n, 1) for s, n in zip(seq_sums, seq_lens)) / B
+    return sum(seq_sums) / (cfg.max_new_tokens * B)
+
+
+_AGGS = ("token-mean", "seq-mean", "constant")
+
+
+@pytest.mark.parametrize("agg", _AGGS)
+def test_kdrl_loss_beta0_is_grpo(agg):
+    """beta = 0: value and gradient equal the naive loop of −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), for each
+    aggregation, with clipping active on some but not all tokens and ε_low ≠ ε_high."""
+    logp, old, teacher, adv, mask, correct = _batch()
+    cfg = _cfg(beta=0.0, clip_eps_low=0.1, clip_eps_high=0.15, loss_agg=agg, max_new_tokens=8)
+    loss, grad, metrics = _call(logp, old, teacher, adv, mask, correct, cfg, 0.0)
+    ref = _grpo_loop(logp, old, adv, mask, cfg)
+    (ref_grad,) = torch.autograd.grad(ref, logp)
+    assert 0 < metrics["clip_frac"] < 1
+    assert (ref_grad[mask] == 0).any() and (ref_grad[mask] != 0).any()  # clipped tokens pass no gradient
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("agg", _AGGS)
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_trrd_alpha1_is_grpo_exactly(agg, beta):
+    """TRRD with α = 1 is bit-for-bit GRPO (value, gradient), with and without a KD term."""
+    logp, old, teacher, adv, mask, correct = _batch()
+    base = _cfg(loss_agg=agg, max_new_tokens=8, clip_eps_high=0.28)
+    a = _call(logp, old, teacher, adv, mask, correct, base, beta)
+    b = _call(logp, old, teacher, adv, mask, correct, dataclasses.replace(base, trrd_alpha=1.0), beta)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3, 0.0])
+def test_trrd_clamp_gradient(alpha):
+    """With the clip out of the way, ∂loss/∂logp_t = −A·ρ_t·(∂log ρ_t/∂logp_t)/n, so ∂log ρ/∂logp is read off the
+    loss gradient: exactly α where |logp − teacher| > c (the clamp passes nothing), 1 inside. ρ is the
+    definition α·log(π/π_old) + (1−α)·clamp(log(π/π_T), −c, c) and metrics["ratio"] is its token mean."""
+    logp = torch.tensor([[-1.0, -0.2, -3.0, -0.7, -2.0, -0.4]], dtype=F64, requires_grad=True)
+    teacher = torch.tensor([[-3.5, -0.5, -1.2, -0.1, -2.0, -4.0]], dtype=F64)  # d = 2.5, .3, −1.8, −.6, 0, 3.6
+    old = logp.detach() + torch.tensor([[0.1, -0.2, 0.05, 0.0, 0.3, -0.1]], dtype=F64)
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    A = 0.8
+    cfg = _cfg(beta=0.0, trrd_alpha=alpha, trrd_clamp=1.0, clip_eps_low=0.99, clip_eps_high=50.0)
+    _, grad, metrics = _call(logp, old, teacher, torch.tensor([A], dtype=F64), mask, torch.tensor([False]), cfg, 0.0)
+    x = logp.detach()
+    rho = torch.exp(alpha * (x - old) + (1 - alpha) * (x - teacher).clamp(-1.0, 1.0))
+    dlog_rho = -grad * mask.sum() / (A * rho)
+    outside = (x - teacher).abs() > 1
+    expected = torch.where(outside, torch.full_like(x, alpha), torch.ones_like(x))
+    torch.testing.assert_close(dlog_rho, expected, rtol=1e-14, atol=1e-14)
+    assert metrics["clip_frac"] == 0.0
+    assert metrics["ratio"] == pytest.approx(rho.mean().item(), rel=1e-14)
+
+
+def test_trrd_ratio_not_one_on_policy():
+    """At μ = 1 (old_logp = logp.detach()) GRPO's ratio is exactly 1 but TRRD's is exp((1−α)·clamp(d)),
+    so the clip is active from the first minibatch."""
+    logp, _, teacher, adv, mask, correct = _batch()
+    old = logp.detach()
+    grpo = _call(logp, old, teacher, adv, mask, correct, _cfg(beta=0.0), 0.0)[2]
+    assert grpo["ratio"] == 1.0 and grpo["clip_frac"] == 0.0
+    m = _call(logp, old, teacher, adv, mask, correct, _cfg(beta=0.0, trrd_alpha=0.5), 0.0)[2]
+    d = (logp.detach() - teacher)[mask]
+    assert m["ratio"] != 1.0
+    assert m["ratio"] == pytest.approx(torch.exp(0.5 * d.clamp(-1, 1)).mean().item(), rel=1e-14)
+    assert m["clip_frac"] > 0
+
+
+@pytest.mark.parametrize("kd_mode", ["loss", "reward"])
+@pytest.mark.parametrize("kd_mask", ["none", "response", "group"])
+def test_kd_mask_removes_kd_gradient(kd_mode, kd_mask):
+    """Advantages 0: excluded responses (correct ones for "response"; groups with any correct for "group") get
+    exactly zero gradient, every token of the included ones a nonzero one; kd_frac counts the kept tokens."""
+    logp, _, teacher, _, mask, _ = _batch(B=6, lengths=(6, 4, 2, 3, 5, 1))
+    old = logp.detach()  # on-policy: no token is clipped, so every kept token has a nonzero KD gradient
+    correct = torch.tensor([False, True, False, False, False, False])  # group 0 has a correct response
+    cfg = _cfg(group_size=3, kd_mask=kd_mask, kd_mode=kd_mode, kd_kind="k2", beta=1.0)
+    _, grad, metrics = _call(logp, old, teacher, torch.zeros(6, dtype=F64), mask, correct, cfg, 1.0)
+    excluded = {"none": [], "response": [1], "group": [0, 1, 2]}[kd_mask]
+    for b in range(6):
+        if b in excluded:
+            assert torch.equal(grad[b], torch.zeros_like(grad[b]))
+        else:
+            assert (grad[b][mask[b]] != 0).all() and (grad[b][~mask[b]] == 0).all()
+    kept = sum(mask[b].sum().item() for b in range(6) if b not in excluded)
+    assert metrics["kd_frac"] == kept / mask.sum().item()
+
+
+def _pad(x, values):
+    return torch.cat([x, torch.tensor(values, dtype=x.dtype).expand(x.shape[0], -1)], dim=1)
+
+
+_GARBAGE = dict(
+    logp=[float("nan"), float("inf"), float("-inf"), 0.0],
+    teacher=[float("inf"), float("nan"), float("-inf"), -1e30],
+    old=[float("-inf"), float("nan"), float("inf"), 1e30],
+)
+
+
+@pytest.mark.parametrize("trrd", [None, 0.5])
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("kd_mode", ["loss", "reward"])
+@pytest.mark.parametrize("agg", _AGGS)
+def test_padding_columns_change_nothing(agg, kd_mode, kind, trrd):
+    """Appending mask-0 columns holding inf/nan garbage in logp, teacher and old leaves loss, metrics and the
+    gradient of every real position unchanged (float64, rtol 1e-12)."""
+    logp, old, teacher, adv, mask, correct = _batch()
+    cfg = _cfg(loss_agg=agg, kd_mode=kd_mode, kd_kind=kind, trrd_alpha=trrd, max_new_tokens=12, clip_eps_high=0.28)
+    loss, grad, metrics = _call(logp, old, teacher, adv, mask, correct, cfg, 0.7)
+
+    logp_pad = _pad(logp, _GARBAGE["logp"])  # gradient flows back to the real columns of `logp`
+    args = (_pad(old, _GARBAGE["old"]), _pad(teacher, _GARBAGE["teacher"]), adv, _pad(mask, [False] * 4), correct)
+    loss_p, metrics_p = kdrl.kdrl_loss(logp_pad, *args, cfg, 0.7)
+    (grad_p,) = torch.autograd.grad(loss_p, logp)
+    torch.testing.assert_close(loss_p.detach(), loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_p, grad, rtol=1e-12, atol=1e-300)
+    assert metrics_p.keys() == metrics.keys()
+    for k in metrics:
+        assert metrics_p[k] == pytest.approx(metrics[k], rel=1e-12, abs=1e-300), k
+
+
+@pytest.mark.parametrize("kd_mode", ["loss", "reward"])
+def test_padding_garbage_gives_zero_gradient_on_padded_slots(kd_mode):
+    """Masked positions of logp must receive exactly zero gradient even when old/teacher hold garbage there:
+    in a real model logp[pad] is a gather from the student's log-softmax, so a NaN there reaches every weight.
+    A where() after the arithmetic guards only the forward pass (0 · exp(inf) = NaN in the backward)."""
+    logp, old, teacher, adv, mask, correct = _batch()
+    leaf = _pad(logp.detach(), [-1.0, -2.0, -3.0, -4.0]).requires_grad_(True)  # finite, like a real model's
+    args = (_pad(old, _GARBAGE["old"]), _pad(teacher, _GARBAGE["teacher"]), adv, _pad(mask, [False] * 4), correct)
+    loss, _ = kdrl.kdrl_loss(leaf, *args, _cfg(kd_mode=kd_mode, kd_kind="k2"), 0.7)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    assert torch.equal(grad[:, -4:], torch.zeros_like(grad[:, -4:]))
+
+
+def test_teacher_never_gets_gradient():
+    """teacher_logp / teacher_logits requiring grad receive none: every kd_kind and kd_mode, TRRD on and off."""
+    logp, old, teacher, adv, mask, correct = _batch()
+    B, T = logp.shape
+    s_logits = _logits(B, T, 5, seed=11).requires_grad_(True)
+    t_logits = _logits(B, T, 5, seed=12).requires_grad_(True)
+    teacher = teacher.clone().requires_grad_(True)
+    for kind, mode, trrd in itertools.product(("k1", "k2", "k3", "full"), ("loss", "reward"), (None, 0.5)):
+        cfg = _cfg(kd_kind=kind, kd_mode=mode, trrd_alpha=trrd)
+        loss, _ = kdrl.kdrl_loss(logp, old, teacher, adv, mask, correct, cfg, 0.5, s_logits, t_logits)
+        loss.backward()
+        assert teacher.grad is None and t_logits.grad is None
+        assert logp.grad is not None
+    assert s_logits.grad is not None and (s_logits.grad != 0).any()
+
+
+@pytest.mark.parametrize("trrd", [None, 0.5])
+@pytest.mark.parametrize("kd", [("loss", "k2"), ("loss", "k3"), ("reward", "k2")])
+@pytest.mark.parametrize("agg", _AGGS)
+def test_minibatch_gradients_add_up(agg, kd, trrd):
+    """Splitting the batch and passing the full batch's num_tokens/num_seqs: minibatch losses and gradients
+    sum to the full-batch ones, for every loss_agg (also with the group KD mask, splits on group borders)."""
+    logp, old, teacher, adv, mask, _ = _batch(B=6, lengths=(6, 4, 1, 3, 5, 2))
+    correct = torch.tensor([False, True, False, False, False, False])
+    mode, kind = kd
+    for kd_mask, splits in (("none", [(0, 2), (2, 5), (5, 6)]), ("group", [(0, 3), (3, 6)])):
+        cfg = _cfg(loss_agg=agg, kd_mode=mode, kd_kind=kind, trrd_alpha=trrd, kd_mask=kd_mask, group_size=3, max_new_tokens=8)
+        loss, grad, _ = _call(logp, old, teacher, adv, mask, correct, cfg, 0.4)
+        n_tok, n_seq = mask.sum().item(), mask.shape[0]
+        total = 0.0
+        for i, j in splits:
+            part, _ = kdrl.kdrl_loss(logp[i:j], old[i:j], teacher[i:j], adv[i:j], mask[i:j], correct[i:j], cfg, 0.4,
+                                     num_tokens=n_tok, num_seqs=n_seq)  # fmt: skip
+            total = total + part
+        (grad_mb,) = torch.autograd.grad(total, logp)
+        torch.testing.assert_close(total.detach(), loss, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(grad_mb, grad, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("agg", _AGGS)
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_zero_advantage_loss_is_beta_times_kd(agg, kind):
+    """Loss mode, advantages 0: pg_loss = 0 and loss = β · kd_loss exactly, where kd_loss is the metric reported
+    at β = 1 (same inputs, old ≠ logp so the importance weight is not 1)."""
+    logp, old, teacher, _, mask, correct = _batch()
+    cfg = _cfg(loss_agg=agg, kd_kind=kind, max_new_tokens=8)
+    zeros = torch.zeros(4, dtype=F64)
+    _, _, m1 = _call(logp, old, teacher, zeros, mask, correct, cfg, 1.0)
+    for beta in (0.3, 5e-3, 1.0):
+        loss, _, m = _call(logp, old, teacher, zeros, mask, correct, cfg, beta)
+        assert m["pg_loss"] == 0.0 and m["kd_loss"] == m1["kd_loss"]
+        assert loss.item() == beta * m1["kd_loss"]
+
+
+def test_zero_advantage_loss_full_kind():
+    """kind "full": loss = β · kd_loss (float64 logits: float64 rounding), and
+    kd_loss is the token mean of full_kl over the response."""
+    logp, old, teacher, _, mask, correct = _batch()
+    B, T = logp.shape
+    s_logits, t_logits = _logits(B, T, 5, seed=13), _logits(B, T, 5, seed=14)
+    cfg = _cfg(kd_kind="full")
+    zeros = torch.zeros(B, dtype=F64)
+    _, m1 = kdrl.kdrl_loss(logp, old, teacher, zeros, mask, correct, cfg, 1.0, s_logits, t_logits)
+    ref = _row_kl(s_logits, t_logits)[mask].mean().item()
+    assert m1["kd_loss"] == pytest.approx(ref, rel=1e-12)
+    loss, m = kdrl.kdrl_loss(logp, old, teacher, zeros, mask, correct, cfg, 0.3, s_logits, t_logits)
+    assert m["pg_loss"] == 0.0
+    assert loss.item() == pytest.approx(0.3 * m1["kd_loss"], rel=1e-12)
+
+
+def test_full_kind_needs_logits():
+    """kd_kind="full" without student_logits or teacher_logits raises ValueError."""
+    logp, old, teacher, adv, mask, correct = _batch()
+    cfg = _cfg(kd_kind="full")
+    logits = _logits(4, 6, 5)
+    for s, t in ((None, None), (logits, None), (None, logits)):
+        with pytest.raises(ValueError):
+            kdrl.kdrl_loss(logp, old, teacher, adv, mask, correct, cfg, 0.1, s, t)
+
+
+def test_metrics_are_floats_and_consistent():
+    """Metrics are plain Python floats with the documented keys; kl_k1 / kl_k3 / entropy are token means over
+    the response of kl_estimate and −logp."""
+    logp, old, teacher, adv, mask, correct = _batch()
+    _, metrics = kdrl.kdrl_loss(logp, old, teacher, adv, mask, correct, _cfg(), 0.1)
+    required = {"pg_loss", "kd_loss", "kl_k1", "kl_k3", "entropy", "clip_frac", "ratio", "kd_frac"}
+    assert required <= metrics.keys()
+    assert all(type(v) is float for v in metrics.values())
+    x = logp.detach()
+    assert metrics["kl_k1"] == pytest.approx((x - teacher)[mask].mean().item(), rel=1e-13)
+    assert metrics["kl_k3"] == pytest.approx(kdrl.kl_estimate(x, teacher, "k3")[mask].mean().item(), rel=1e-13)
+    assert metrics["entropy"] == pytest.approx(-x[mask].mean().item(), rel=1e-13)
+    assert metrics["kd_frac"] == 1.0
+
+
+# -----------------------------------------------------------------------------
+# 7. sft_loss
+
+
+def test_sft_loss_is_token_mean_nll_of_kept():
+    """sft_loss = −Σ logp over tokens of kept responses / kept token count (garbage on padding ignored);
+    gradient −1/n on kept tokens, 0 elsewhere; sft_kept is the kept fraction."""
+    logp, _, _, _, mask, _ = _batch()
+    keep = torch.tensor([True, False, True, True])
+    garbage = torch.where(mask, logp, torch.tensor(float("nan"), dtype=F64))
+    n = sum(int(mask[b].sum()) for b in range(4) if keep[b])
+    ref = -sum(float(logp.detach()[b, t]) for b in range(4) for t in range(6) if keep[b] and mask[b, t]) / n
+    loss, metrics = kdrl.sft_loss(garbage, mask, keep, n)
+    assert loss.item() == pytest.approx(ref, rel=1e-14)
+    (grad,) = torch.autograd.grad(loss, logp)
+    expected = torch.where(mask & keep[:, None], torch.tensor(-1.0 / n, dtype=F64), torch.tensor(0.0, dtype=F64))
+    torch.testing.assert_close(grad, expected, rtol=1e-15, atol=0)
+    assert metrics == {"sft_loss": loss.item(), "sft_kept": 0.75}
