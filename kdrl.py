@@ -494,6 +494,9 @@ class Rollouts:
     def response_ids(self) -> torch.Tensor:  # (B, T)
         return self.input_ids[:, -self.response_mask.shape[1] :]
 
+    def __getitem__(self, rows) -> "Rollouts":  # a minibatch: ro[i:j]
+        return Rollouts(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+
 
 def format_prompt(tokenizer, prompt: str) -> str:
     """Apply the chat template when the tokenizer has one (a single user turn), else the raw prompt."""
@@ -814,6 +817,17 @@ def load_checkpoint(path: Path, student, optimizer) -> int:
     return state["step"]
 
 
+def _student_logprobs(cfg: KDRLConfig, student, teacher, ro: Rollouts, logprobs: Callable):
+    """The student's log-probs with grad; for kd_kind="full" also both models' tempered logits (B, T, V)."""
+    if not (cfg.kd_kind == "full" and cfg.kd_mode == "loss"):
+        return logprobs(student, ro), None, None
+    logp, s_logits = logprobs(student, ro, return_logits=True)
+    with torch.no_grad():
+        _, t_logits = logprobs(teacher, ro, return_logits=True)
+    T = cfg.temperature or 1.0
+    return logp, s_logits / T, t_logits / T
+
+
 def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], reward_fn: Callable, eval_set: Optional[list[dict]] = None) -> dict:
     """Post-train `student` with cfg.method's loss. Returns a summary: final eval, timings, tokens/s.
 
@@ -872,19 +886,11 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
             for epoch in range(cfg.mu):
                 optimizer.zero_grad(set_to_none=True)
                 parts = []
-                for i in range(0, B, mb):
-                    sl = slice(i, i + mb)
-                    sub = Rollouts(ro.input_ids[sl], ro.attention_mask[sl], mask[sl], ro.logprobs[sl], ro.truncated[sl])
+                for sl in (slice(i, i + mb) for i in range(0, B, mb)):
                     if cfg.sft:  # the SFT baseline: NLL on the teacher's correct samples
-                        loss, m = sft_loss(logprobs(student, sub), mask[sl], correct[sl], num_tokens)
+                        loss, m = sft_loss(logprobs(student, ro[sl]), mask[sl], correct[sl], num_tokens)
                     else:
-                        if cfg.kd_kind == "full" and cfg.kd_mode == "loss":
-                            logp, s_logits = logprobs(student, sub, return_logits=True)
-                            with torch.no_grad():
-                                _, t_logits = logprobs(teacher, sub, return_logits=True)
-                            s_logits, t_logits = s_logits / (T_s or 1.0), t_logits / (T_s or 1.0)
-                        else:
-                            logp, s_logits, t_logits = logprobs(student, sub), None, None
+                        logp, s_logits, t_logits = _student_logprobs(cfg, student, teacher, ro[sl], logprobs)
                         old = old_logp[sl] if old_logp is not None else logp.detach()  # μ = 1: ratio exactly 1
                         loss, m = kdrl_loss(
                             logp, old, teacher_logp[sl], adv[sl], mask[sl], correct[sl], cfg, beta, s_logits, t_logits,
@@ -894,7 +900,7 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
                         bad = {k: v for k, v in m.items() if not math.isfinite(v)}
                         raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {bad or 'none'}); last good checkpoint kept in {out / 'checkpoint'}")
                     loss.backward()
-                    parts.append((sub.response_mask.sum().item(), m))
+                    parts.append((mask[sl].sum().item(), m))
                 grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf")).item()
                 if not math.isfinite(grad_norm):
                     raise KDRLError(f"non-finite gradient at step {step} (grad_norm={grad_norm}); last good checkpoint kept in {out / 'checkpoint'}")
