@@ -536,6 +536,16 @@ def _next_token(logits: torch.Tensor, temperature: float, vocab_size: int) -> tu
     return token, logp.gather(1, token[:, None]).squeeze(1)
 
 
+def _drop_finished(cache, alive: torch.Tensor) -> torch.Tensor:
+    """Shrink the KV cache to the rows still alive (alive: (rows,) bool); returns their indices.
+    Called once a quarter of the decoding batch has finished, so the copies stay rare."""
+    if not hasattr(cache, "reorder_cache"):  # a cache we cannot shrink: keep decoding every row
+        return torch.arange(len(alive), device=alive.device)
+    keep = alive.nonzero().squeeze(1)
+    cache.reorder_cache(keep)  # index_select on every layer's keys and values (the beam-search hook)
+    return keep
+
+
 @torch.no_grad()
 def sample_rollouts(
     model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0, *, vocab_size: Optional[int] = None
@@ -546,6 +556,8 @@ def sample_rollouts(
     claims hold at any T (score the teacher at the same T). Logit columns ≥ vocab_size (default
     len(tokenizer)) are excluded: checkpoints pad their vocabularies, and padding must carry no probability.
     Runs under no_grad (not inference_mode), so the ids can enter a graph that needs backward.
+    Finished rows are dropped from the decoding batch as they accumulate (see _drop_finished): a decode
+    step costs in proportion to the rows it carries, and most responses end long before the longest.
     """
     V = vocab_size or len(tokenizer)
     eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
@@ -558,18 +570,23 @@ def sample_rollouts(
     logps = torch.zeros(B, max_new_tokens, device=device)
     alive = torch.ones(B, dtype=torch.bool, device=device)  # no EOS yet
     resp_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
-    next_pos = pos[:, -1]
+    next_pos, rows = pos[:, -1], torch.arange(B, device=device)  # rows: batch index of each decoded row
     for t in range(max_new_tokens):
-        token, lp = _next_token(out.logits[:, -1], temperature, V)
-        tokens[:, t] = torch.where(alive, token, pad)
-        logps[:, t] = torch.where(alive, lp, 0.0)
-        resp_mask[:, t] = alive  # includes the first EOS
-        alive = alive & (token != eos)
-        if t + 1 == max_new_tokens or not alive.any():  # one sync per token: stop as soon as all are done
+        token, lp = _next_token(out.logits[:, -1], temperature, V)  # (rows,)
+        live = alive[rows]
+        tokens[rows, t] = torch.where(live, token, pad)
+        logps[rows, t] = torch.where(live, lp, 0.0)
+        resp_mask[rows, t] = live  # includes the first EOS
+        alive[rows] = live & (token != eos)
+        n_alive = int(alive.sum())  # the one host sync per token: stop as soon as all are done
+        if t + 1 == max_new_tokens or n_alive == 0:
             break
+        if n_alive <= 0.75 * len(rows):
+            keep = _drop_finished(out.past_key_values, alive[rows])
+            rows, attn, next_pos, token = rows[keep], attn[keep], next_pos[keep], token[keep]
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         next_pos = next_pos + 1
-        out = model(input_ids=tokens[:, t : t + 1], attention_mask=attn, position_ids=next_pos[:, None], past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos[:, None], past_key_values=out.past_key_values, use_cache=True)
     if not torch.isfinite(logps).all():
         raise KDRLError("non-finite log-probs while sampling: the model's weights or activations diverged")
     T = t + 1
@@ -590,6 +607,13 @@ def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperatu
     return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)
 
 
+def _length_buckets(lengths: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Row indices sorted by response length, split into n buckets. Each bucket is run trimmed to its own
+    longest response, so short responses stop paying for the padding behind the longest one (exact:
+    attention is causal, so the positions cut away cannot change the ones kept)."""
+    return list(lengths.argsort(descending=True, stable=True).chunk(n))
+
+
 def token_logprobs(
     model,
     input_ids: torch.Tensor,
@@ -599,44 +623,60 @@ def token_logprobs(
     temperature: float = 1.0,
     vocab_size: Optional[int] = None,
     chunk_size: int = 256,
+    length_buckets: int = 4,
     return_logits: bool = False,
 ):
     """Float32 log π(y_t | y_<t) of the response tokens at temperature T (0 where response_mask is 0).
 
     input_ids, attention_mask: (B, P+T); response_mask: (B, T), the last T columns. Returns (B, T).
-    Only the response positions that the mask keeps go through the output head, chunk_size at a time,
-    with the columns ≥ vocab_size dropped. Memory beyond the model's own activations: O(chunk_size · V)
-    float32. Without grad that is all; with grad each chunk runs under activation checkpointing, so its
-    logits are recomputed in the backward pass instead of saved, and no (B, T, V) tensor, float32 or
-    otherwise, is ever alive. Models whose logits are post-processed after the head (Gemma-2 soft-capping,
-    Cohere's logit scale; see _LOGIT_POSTPROCESSING), or that expose no output head, fall back to the full
-    logits (B, T, V) in the model dtype, still gathered chunk by chunk in float32. return_logits=True
-    (for kd_kind="full") also takes that path and returns (logp, logits (B, T, V) over response positions).
+    Rows run in length_buckets forward passes of similar response length (see _length_buckets). Only the
+    response positions that the mask keeps go through the output head, chunk_size at a time, with the
+    columns ≥ vocab_size dropped. Memory beyond the model's own activations: O(chunk_size · V) float32.
+    Without grad that is all; with grad each chunk runs under activation checkpointing, so its logits are
+    recomputed in the backward pass instead of saved, and no (B, T, V) tensor, float32 or otherwise, is
+    ever alive. Models whose logits are post-processed after the head (Gemma-2 soft-capping, Cohere's
+    logit scale; see _LOGIT_POSTPROCESSING), or that expose no output head, fall back to the full logits
+    (B, T, V) in the model dtype, still gathered chunk by chunk in float32. return_logits=True (for
+    kd_kind="full") takes that path in a single bucket and returns (logp, logits (B, T, V)).
     """
-    T = response_mask.shape[1]
+    B, T = response_mask.shape
     P = input_ids.shape[1] - T
     V = vocab_size or model.config.vocab_size
     mask = response_mask.bool()
-    targets = input_ids[:, P:][mask]  # (N,) the kept response tokens
-    pos = _positions(attention_mask)
+    lengths = mask.sum(1)
     head = model.get_output_embeddings()
     full = return_logits or head is None or any(getattr(model.config, k, None) not in (None, 1, 1.0) for k in _LOGIT_POSTPROCESSING)
-    if full:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits[:, P - 1 : -1]  # (B, T, V)
-        hidden, head = logits[mask], torch.nn.Identity()  # (N, V): "hidden" already are the logits
-    else:
-        h = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
-        hidden = h[:, P - 1 : -1][mask]  # (N, H): the state that predicts each kept response token
-    out = []
-    for i in range(0, hidden.shape[0], chunk_size):
-        args = (head, hidden[i : i + chunk_size], targets[i : i + chunk_size], temperature or 1.0, V)
-        if torch.is_grad_enabled() and hidden.requires_grad and not full:
-            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+    hidden, targets, where = [], [], []
+    for idx in [torch.arange(B, device=mask.device)] if return_logits else _length_buckets(lengths, length_buckets):
+        L = int(lengths[idx].max()) if len(idx) else 0  # this bucket's longest response
+        if L == 0:
+            continue
+        ids, attn, m = input_ids[idx, : P + L], attention_mask[idx, : P + L], mask[idx, :L]
+        kw = dict(input_ids=ids, attention_mask=attn, position_ids=_positions(attn))
+        if full:
+            logits = model(**kw).logits[:, P - 1 : -1]  # (b, L, V)
+            hidden.append(logits[m])  # (n, V): with the Identity head below, the "hidden states" are the logits
         else:
-            out.append(_chunk_logprobs(*args))
-    logp = torch.zeros(mask.shape, dtype=torch.float32, device=input_ids.device)
-    logp = logp.masked_scatter(mask, torch.cat(out)) if out else logp
-    return (logp, logits) if return_logits else logp
+            hidden.append(model.base_model(**kw).last_hidden_state[:, P - 1 : -1][m])  # (n, H), predicts each kept token
+        targets.append(ids[:, P:][m])  # (n,)
+        where.append((idx[:, None] * T + torch.arange(L, device=idx.device))[m])  # (n,) flat index into (B, T)
+    logp = torch.zeros(B * T, dtype=torch.float32, device=input_ids.device)
+    if return_logits and not hidden:  # no response token at all: nothing to score
+        return logp.view(B, T), torch.zeros(B, T, V, device=input_ids.device)
+    if hidden:
+        hidden, targets, head = torch.cat(hidden), torch.cat(targets), torch.nn.Identity() if full else head
+        out = []
+        for i in range(0, hidden.shape[0], chunk_size):
+            args = (head, hidden[i : i + chunk_size], targets[i : i + chunk_size], temperature or 1.0, V)
+            if torch.is_grad_enabled() and hidden.requires_grad and not full:
+                out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+            else:
+                out.append(_chunk_logprobs(*args))
+        logp = logp.index_put((torch.cat(where),), torch.cat(out))
+    logp = logp.view(B, T)
+    if return_logits:
+        return logp, F.pad(logits, (0, 0, 0, T - logits.shape[1]))  # (B, T, V), zero past the longest response
+    return logp
 
 
 # -----------------------------------------------------------------------------
