@@ -38,13 +38,12 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import random
 import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Optional
