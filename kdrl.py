@@ -19,11 +19,12 @@ Where this differs from the papers, or pins down what they leave open:
 - The KD term is a token-level masked mean, like the paper. We say plainly what each estimator's
   *gradient* is (see kl_estimate): k2, the paper's choice, follows the token-level reverse KL with the
   contexts held fixed; k3, the default in TRL and verl, follows the *forward* KL. kd_mode="reward" with
-  γ = 1 gives the sequence-level reverse KL instead (kdrl-seq).
+  γ = 1 follows the sequence-level reverse KL instead (kdrl-seq; exactly so with loss_agg="constant").
 - Off-policy minibatches (μ > 1) weight the per-token KD estimate by the detached ratio π/π_old, so its
-  expected gradient stays the on-policy one. The paper is silent on this.
-- Dropout is off while training (models stay in eval mode), so the update scores the same policy that
-  sampled. Log-probs are taken at the sampling temperature (logits / T), for student and teacher alike.
+  expected gradient is again the token-level reverse KL's, over the contexts π_old visited. The paper is
+  silent on this.
+- Dropout is zeroed, so the update scores the same policy that sampled. Log-probs are taken at the
+  sampling temperature (logits / T), for student and teacher alike.
 - One optimizer step per μ-epoch over the whole batch; minibatches only bound memory (gradients are
   accumulated with the full-batch normaliser, so the maths does not depend on the minibatch size).
 
@@ -77,9 +78,10 @@ class KDRLConfig:
     device: str = "auto"
     """"auto" (cuda if available), "cpu" or "cuda" """
     dtype: str = "auto"
-    """model dtype: "auto" (bf16 on cuda, fp32 on cpu), "float32", "bfloat16" """
+    """compute dtype: "auto" (bfloat16 autocast on cuda, float32 on cpu), "float32" or "bfloat16"; the student's
+    weights and AdamW state stay float32 (a 1e-6 step would round away in bf16 weights), the teacher is stored in it"""
     gradient_checkpointing: bool = False
-    """recompute the student's activations in the backward pass to save memory"""
+    """recompute the student's activations in the backward pass to save memory (the update then runs in train mode, dropout zeroed)"""
     resume: bool = False
     """continue from <out>/checkpoint"""
     save_every: int = 0
@@ -147,7 +149,7 @@ class KDRLConfig:
     mu: int = 1
     """μ, optimisation epochs per batch; μ = 1 is on-policy (the GRPO ratio is exactly 1)"""
     minibatch_size: int = 64
-    """responses per forward/backward; gradients are accumulated, so this bounds memory only"""
+    """responses per forward/backward, rounded down to whole groups (at least one); gradients are accumulated, so this bounds memory only"""
     logprob_chunk: int = 256
     """positions per chunk when computing log-probs over the vocabulary"""
 
@@ -165,6 +167,10 @@ METHODS: dict[str, dict] = {
     "sft": dict(sft=True, beta=0.0),
 }
 
+class KDRLError(ValueError):
+    """A user-facing problem (bad input, bad config, diverged run): main() prints it and exits 1."""
+
+
 _CHOICES = dict(
     loss_agg=("token-mean", "seq-mean", "constant"),
     kd_mode=("loss", "reward"),
@@ -176,19 +182,19 @@ _CHOICES = dict(
 
 
 def validate_config(cfg: KDRLConfig) -> None:
-    """Raise ValueError naming the first bad field."""
+    """Raise KDRLError (a ValueError) naming the first bad field."""
     for name, choices in _CHOICES.items():
         if getattr(cfg, name) not in choices:
-            raise ValueError(f"config field {name}={getattr(cfg, name)!r}: must be one of {choices}")
+            raise KDRLError(f"config field {name}={getattr(cfg, name)!r}: must be one of {choices}")
     if cfg.method not in METHODS:
-        raise ValueError(f"config field method={cfg.method!r}: must be one of {tuple(METHODS)}")
+        raise KDRLError(f"config field method={cfg.method!r}: must be one of {tuple(METHODS)}")
     for name in ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "minibatch_size", "logprob_chunk"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"config field {name}={getattr(cfg, name)}: must be >= 1")
+            raise KDRLError(f"config field {name}={getattr(cfg, name)}: must be >= 1")
     if cfg.trrd_alpha is not None and not 0.0 <= cfg.trrd_alpha <= 1.0:
-        raise ValueError(f"config field trrd_alpha={cfg.trrd_alpha}: must be in [0, 1]")
-    if cfg.temperature < 0:
-        raise ValueError(f"config field temperature={cfg.temperature}: must be >= 0")
+        raise KDRLError(f"config field trrd_alpha={cfg.trrd_alpha}: must be in [0, 1]")
+    if cfg.temperature <= 0:  # greedy rollouts are identical within a group (A = 0) and are not samples of π
+        raise KDRLError(f"config field temperature={cfg.temperature}: training samples at T > 0 (greedy decoding is for evaluation)")
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -308,8 +314,9 @@ def kl_reward_to_go(logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.
     positions add nothing and get G = 0; the result is detached (it is a reward, not a loss).
     γ = 1: −Σ_t G_t ∇log π_t is, on-policy, an unbiased gradient of the **sequence-level** reverse KL
            KL(π(y|x) ‖ π_T(y|x)), provided the per-token terms are summed or divided by a constant (the
-           "constant" loss_agg). A per-sample length normaliser (token-mean, seq-mean) reweights
-           samples by their length and biases it.
+           "constant" loss_agg). A per-sample length normaliser ("seq-mean") reweights samples by their
+           length and biases it; "token-mean" divides by the batch's token count, shared by all samples
+           but random, which leaves a ratio-estimator bias that shrinks as the batch grows.
     γ = 0: G_t = −d_t, and −G_t ∇log π_t = d_t ∇log π_t = ∇k2_t: the per-token (myopic) gradient.
     """
     r = torch.where(mask.bool(), teacher_logp.detach() - logp.detach(), 0.0)  # (B, T)
@@ -475,10 +482,6 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, num_tok
 # no-grad teacher forward (KD's extra cost).
 
 
-class KDRLError(ValueError):
-    """A user-facing problem (bad input, bad config, diverged run): main() prints it and exits 1."""
-
-
 @dataclass
 class Rollouts:
     """G sampled responses per prompt, prompt-major (the G responses of a prompt are contiguous)."""
@@ -486,7 +489,7 @@ class Rollouts:
     input_ids: torch.Tensor  # (B, P+T) left-padded prompt, then the response, pad after its first EOS
     attention_mask: torch.Tensor  # (B, P+T) 1 on prompt tokens and on response tokens up to the first EOS
     response_mask: torch.Tensor  # (B, T) bool, response tokens up to and *including* the first EOS
-    logprobs: torch.Tensor  # (B, T) float32 log π(y_t | y_<t) at the sampling temperature, 0 where masked
+    logprobs: torch.Tensor  # (B, T) float32 log π(y_t | y_<t) at the sampling temperature (T = 1 if greedy), 0 where masked
     truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
 
     @property
@@ -636,7 +639,8 @@ def token_logprobs(
     ever alive. Models whose logits are post-processed after the head (Gemma-2 soft-capping, Cohere's
     logit scale; see _LOGIT_POSTPROCESSING), or that expose no output head, fall back to the full logits
     (B, T, V) in the model dtype, still gathered chunk by chunk in float32. return_logits=True (for
-    kd_kind="full") takes that path in a single bucket and returns (logp, logits (B, T, V)).
+    kd_kind="full") takes that path in a single bucket and returns (logp, logits): (B, T, V_model), the raw
+    (untempered) logits at the model's full padded width, zero past the longest response.
     """
     B, T = response_mask.shape
     P = input_ids.shape[1] - T
@@ -651,7 +655,7 @@ def token_logprobs(
         if L == 0:
             continue
         ids, attn, m = input_ids[idx, : P + L], attention_mask[idx, : P + L], mask[idx, :L]
-        kw = dict(input_ids=ids, attention_mask=attn, position_ids=_positions(attn))
+        kw = dict(input_ids=ids, attention_mask=attn, position_ids=_positions(attn), use_cache=False)  # no KV cache to build
         if full:
             logits = model(**kw).logits[:, P - 1 : -1]  # (b, L, V)
             hidden.append(logits[m])  # (n, V): with the Identity head below, the "hidden states" are the logits
@@ -661,7 +665,7 @@ def token_logprobs(
         where.append((idx[:, None] * T + torch.arange(L, device=idx.device))[m])  # (n,) flat index into (B, T)
     logp = torch.zeros(B * T, dtype=torch.float32, device=input_ids.device)
     if return_logits and not hidden:  # no response token at all: nothing to score
-        return logp.view(B, T), torch.zeros(B, T, V, device=input_ids.device)
+        return logp.view(B, T), torch.zeros(B, T, model.config.vocab_size, device=input_ids.device)
     if hidden:
         hidden, targets, head = torch.cat(hidden), torch.cat(targets), torch.nn.Identity() if full else head
         out = []
@@ -845,7 +849,10 @@ def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, cfg: KD
 
 
 def load_checkpoint(path: Path, student, optimizer) -> int:
-    """Restore the student's weights, the optimizer and the RNG from a checkpoint; returns its step."""
+    """Restore the student's weights, the optimizer and the RNG from a checkpoint; returns its step.
+    Falls back to the previous one if a save was interrupted between its two renames."""
+    if not (path / "trainer_state.pt").exists() and (path.parent / ".checkpoint.old" / "trainer_state.pt").exists():
+        path = path.parent / ".checkpoint.old"
     if not (path / "trainer_state.pt").exists():
         raise KDRLError(f"--resume: no checkpoint at {path} (missing trainer_state.pt)")
     saved = type(student).from_pretrained(path, dtype=next(student.parameters()).dtype)
@@ -854,6 +861,22 @@ def load_checkpoint(path: Path, student, optimizer) -> int:
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     return state["step"]
+
+
+def _disable_dropout(model) -> None:
+    """Zero every dropout rate (modules and the float rates attention layers keep), so that train mode, which
+    Hugging Face's gradient checkpointing needs, scores exactly the policy that eval mode sampled."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "dropout", "hidden_dropout", "resid_dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+
+
+def _compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """cfg.dtype → the dtype forward passes run in: "auto" is bfloat16 on CUDA, float32 elsewhere."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def _student_logprobs(cfg: KDRLConfig, student, teacher, ro: Rollouts, logprobs: Callable):
@@ -871,10 +894,11 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
     """Post-train `student` with cfg.method's loss. Returns a summary: final eval, timings, tokens/s.
 
     Writes <out>/config.json, <out>/metrics.jsonl (one line per step; eval lines carry "eval": true) and
-    <out>/checkpoint (every save_every steps and at the end). Each step:
-      1. sample G responses per prompt (SFT: from the teacher)   2. rewards and correctness
-      3. group advantages   4. teacher (and, for μ > 1, old-policy) log-probs, no grad
-      5. μ epochs, each one optimizer step with gradients accumulated over minibatches   6. β schedule   7. log
+    <out>/checkpoint (every save_every steps and at the end). Each step, with β = beta_schedule(step):
+      1. sample G responses per prompt (SFT: from the teacher; its rows' reward/acc/length are then the teacher's)
+      2. rewards and correctness   3. group advantages   4. teacher (and, for μ > 1, old-policy) log-probs, no grad
+      5. μ epochs, each one optimizer step with gradients accumulated over minibatches   6. log
+    On CUDA (cfg.dtype "auto") every forward pass runs under bfloat16 autocast, over float32 master weights.
     """
     from tqdm.auto import tqdm
 
@@ -885,7 +909,9 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    student.eval(), teacher.eval()  # dropout off: the update must score the policy that sampled
+    student.eval(), teacher.eval(), _disable_dropout(student)  # the update must score the policy that sampled
+    device = next(student.parameters()).device
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=_compute_dtype(cfg.dtype, device) == torch.bfloat16)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = load_checkpoint(out / "checkpoint", student, optimizer) if cfg.resume else 0
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -895,7 +921,7 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
 
     G, V, T_s = cfg.group_size, len(tokenizer), cfg.temperature
     mb = max(G, cfg.minibatch_size // G * G)  # minibatches hold whole groups (the "group" KD mask needs them)
-    needs_teacher = not cfg.sft and (cfg.beta > 0 or cfg.trrd_alpha is not None)
+    needs_teacher = not cfg.sft and (max(cfg.beta, cfg.beta_min or 0.0) > 0 or cfg.trrd_alpha is not None)
     timer, n_tokens, summary = Timer(), 0, {}
     logprobs = lambda model, ro, **kw: token_logprobs(
         model, ro.input_ids, ro.attention_mask, ro.response_mask, temperature=1.0 if cfg.sft else T_s, vocab_size=V, chunk_size=cfg.logprob_chunk, **kw
@@ -906,22 +932,22 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
         before = dict(timer)
         beta = beta_schedule(step, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
 
-        with timer("sampling"):  # 1. G responses per prompt, from the current student (SFT: the teacher)
+        with timer("sampling"), amp():  # 1. G responses per prompt, from the current student (SFT: the teacher)
             try:
                 ro = sample_rollouts(teacher if cfg.sft else student, tokenizer, [ex["prompt"] for ex in batch], G, cfg.max_new_tokens, T_s, vocab_size=V)
             except KDRLError as e:
                 raise KDRLError(f"{e}, at step {step}; last good checkpoint kept in {out / 'checkpoint'}") from None
         rewards, correct = score_completions(reward_fn, batch, decode(tokenizer, ro), G, cfg.format_bonus)  # 2.
-        device = ro.input_ids.device
         rewards, correct = rewards.to(device), correct.to(device)
         adv = grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps) if cfg.use_reward else torch.zeros_like(rewards)  # 3.
-        with timer("teacher"):  # 4. teacher (and old-policy) log-probs, no grad
+        with timer("teacher"), amp():  # 4. teacher (and old-policy) log-probs, no grad
             with torch.no_grad():
                 teacher_logp = logprobs(teacher, ro) if needs_teacher else torch.zeros_like(ro.logprobs)
                 old_logp = logprobs(student, ro) if cfg.mu > 1 else None
         B, mask = ro.input_ids.shape[0], ro.response_mask
         num_tokens = (mask & correct[:, None]).sum().item() if cfg.sft else mask.sum().item()
-        with timer("update"):  # 5. μ epochs; each one optimizer step, gradients accumulated over minibatches
+        student.train(any(getattr(m, "gradient_checkpointing", False) is True for m in student.modules()))  # HF checkpoints only in train mode
+        with timer("update"), amp():  # 5. μ epochs; each one optimizer step, gradients accumulated over minibatches
             for epoch in range(cfg.mu):
                 optimizer.zero_grad(set_to_none=True)
                 parts = []
@@ -944,12 +970,14 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
                 if not math.isfinite(grad_norm):
                     raise KDRLError(f"non-finite gradient at step {step} (grad_norm={grad_norm}); last good checkpoint kept in {out / 'checkpoint'}")
                 optimizer.step()
+        student.eval()
 
-        # 7. log: loss metrics token-weighted over the minibatches of the last epoch
+        # 6. log, over the last epoch: each minibatch's *_loss is already its share of the batch (full-batch
+        # normaliser), so those add up; the other metrics are per-minibatch means, weighted by tokens
         total = sum(n for n, _ in parts) or 1
-        row = {k: sum(n * m[k] for n, m in parts) / total for k in parts[0][1]}
+        row = {k: sum(m[k] if k.endswith("_loss") else n * m[k] / total for n, m in parts) for k in parts[0][1]}
         if not needs_teacher:
-            row.pop("kl_k1", None), row.pop("kl_k3", None)  # no teacher was scored
+            row.pop("kl_k1", None), row.pop("kl_k3", None), row.pop("kd_loss", None)  # no teacher was scored
         lengths = mask.sum(1).float()
         row.update(
             step=step, beta=beta, grad_norm=grad_norm, reward=rewards.mean().item(), acc=correct.float().mean().item(),
@@ -959,7 +987,8 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
         n_tokens += row["tokens"]
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", kl=f"{row.get('kl_k1', float('nan')):.3f}", len=f"{row['length']:.0f}")
+        kl = {"kl": f"{row['kl_k1']:.3f}"} if "kl_k1" in row else {}  # no KL when no teacher was scored
+        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", **kl, len=f"{row['length']:.0f}")
         if cfg.eval_every and eval_set and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             with timer("eval"):
                 ev = evaluate(student, tokenizer, eval_set[: cfg.eval_limit], reward_fn, cfg)
@@ -1047,13 +1076,12 @@ def _check_dir(path: str, role: str) -> None:
         raise KDRLError(f"--{role} {path}: no such directory (models load from local paths only)")
 
 
-def load_model(path: str, device: torch.device, dtype: str, role: str):
+def load_model(path: str, device: torch.device, dtype: torch.dtype, role: str):
     from transformers import AutoModelForCausalLM
 
     _check_dir(path, role)
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True).to(device)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
     except (OSError, ValueError) as e:
         raise KDRLError(f"--{role} {path}: cannot load a causal LM ({e})") from None
 
@@ -1106,12 +1134,12 @@ def main(argv=None) -> int:
         eval_set = load_jsonl(cfg.eval) if cfg.eval else None
         tokenizer = load_tokenizer(cfg.student, "student")
         check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher, "teacher"))
-        student = load_model(cfg.student, device, cfg.dtype, "student")
-        teacher = load_model(cfg.teacher, device, cfg.dtype, "teacher").requires_grad_(False)
+        student = load_model(cfg.student, device, torch.float32, "student")  # float32 master weights
+        teacher = load_model(cfg.teacher, device, _compute_dtype(cfg.dtype, device), "teacher").requires_grad_(False)
         for ex_set, src in ((train_set, cfg.train), (eval_set or [], cfg.eval)):
             check_prompt_lengths(tokenizer, student, ex_set, cfg.max_new_tokens, src)
-        if cfg.gradient_checkpointing:
-            student.gradient_checkpointing_enable()
+        if cfg.gradient_checkpointing:  # renamed in transformers 5.2x; the old name still works on older 5.x
+            (getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable)()
         summary = train(cfg, student, teacher, tokenizer, train_set, math_reward, eval_set)
     except KDRLError as e:
         print(f"error: {e}", file=sys.stderr)
