@@ -1,0 +1,389 @@
+"""
+train_tiny.py: the KDRL comparison on tiny models, from scratch, with no downloads.
+
+    python train_tiny.py                   # cpu preset without a GPU (about 10 min on 2 cores), gpu preset with one
+    python train_tiny.py --preset smoke    # < 60 s, tiny everything: checks the plumbing, not the methods
+
+Task: 3-digit addition worked column by column with carries, e.g. `347+985=` → `7+5=12|4+8+1=13|3+9+1=13|#### 1332`,
+scored by kdrl.math_reward (the last `#### x`). Splits: train prompts and an in-distribution (ID) test set
+hold problems whose longest carry chain is at most 2 columns; the out-of-distribution (OOD) set holds only
+problems where all three columns carry. Same length, every single column step is seen in training, only
+the composition is new, so OOD accuracy measures composition rather than length extrapolation.
+
+Pipeline: (1) a Llama-style teacher (random init) is trained with supervision until it is strong in
+distribution, and cached under <out>/cache/teacher-<hash of its settings>; (2) a smaller student gets a
+brief supervised start so that it begins weak but not hopeless; (3) from that same student, each
+kdrl.METHODS preset is post-trained with kdrl.train on the same rollout budget; (4) results.md (table),
+results.json (raw numbers), accuracy.png (ID greedy accuracy vs step) and one metrics.jsonl per run.
+
+What to expect: the teacher near or above 90% ID, the student starting around 10-30%, and the methods
+spread between. One seed on a few hundred problems is mostly noise: read differences smaller than a few
+points as ties. The demo scales the paper's β and anneal length to tiny models once, in DEMO_SCALE.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import kdrl
+
+# -----------------------------------------------------------------------------
+# Presets: one dataclass, one instance per preset.
+
+
+@dataclass
+class Preset:
+    digits: int = 2
+    """operand length; every split uses the same length (OOD is by composition, not by length)"""
+    n_train: int = 4000
+    """train prompts (also the worked solutions for supervised pre-training)"""
+    n_test: int = 200
+    """ID and OOD test problems each"""
+    teacher: dict = field(default_factory=lambda: dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4))
+    """teacher architecture (LlamaConfig fields)"""
+    teacher_steps: int = 1200
+    """max supervised steps for the teacher; it stops early at teacher_target"""
+    teacher_target: float = 0.95
+    """stop teacher training once greedy ID accuracy on a held-out check reaches this"""
+    student: dict = field(default_factory=lambda: dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4))
+    """student architecture: smaller than the teacher"""
+    student_steps: int = 400
+    """max steps of the student's brief supervised start; it stops early at student_target"""
+    student_target: float = 0.2
+    """stop the student's supervised start once greedy ID accuracy on a held-out check reaches this:
+    weak but not hopeless, the regime where the paper says RL explores poorly"""
+    check_every: int = 10
+    """steps between those accuracy checks (the student's accuracy jumps within a few dozen steps)"""
+    sft_lr: float = 3e-3
+    """AdamW lr for the supervised pre-training of both models"""
+    sft_batch: int = 64
+    """sequences per supervised step"""
+    rl: dict = field(default_factory=dict)
+    """KDRLConfig fields shared by every method (the demo's overrides)"""
+    seeds: int = 1
+    """seeds per method (student init, data order, sampling)"""
+
+
+RL_CPU = dict(steps=150, prompts_per_step=8, group_size=8, lr=1e-4, max_new_tokens=28, temperature=1.0, eval_every=25, eval_limit=200, minibatch_size=64)
+PRESETS = {
+    "smoke": Preset(digits=2, n_train=300, n_test=16, teacher=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2), teacher_steps=20,
+                    student=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2), student_steps=5, sft_batch=16,
+                    rl={**RL_CPU, "steps": 2, "prompts_per_step": 2, "group_size": 2, "eval_every": 0}),
+    "cpu": Preset(rl=RL_CPU),
+    "gpu": Preset(rl={**RL_CPU, "prompts_per_step": 32}, seeds=3),  # untested: no GPU was lent while building it
+}
+# The paper's β (5e-3 → 1e-3) is sized for 1.5B-parameter models whose per-token KL is small and whose GRPO
+# term is tiny per token; on these models KD would vanish at that size. So every β given in the paper's
+# units (the KDRL variants; not kd's β = 1, which has no RL term to balance) is multiplied by beta, once,
+# and the anneal length is scaled from the paper's ~280-step run to ours. kdrl-anneal still anneals β → β/5.
+DEMO_SCALE = dict(beta=20.0, paper_steps=280)
+VOCAB = "0123456789+=|# "
+
+# -----------------------------------------------------------------------------
+# Task: procedurally generated additions with worked solutions.
+
+
+def carry_chain(a: int, b: int, digits: int) -> int:
+    """Longest run of consecutive columns that emit a carry."""
+    best = run = carry = 0
+    for i in range(digits):
+        carry = (a // 10**i % 10 + b // 10**i % 10 + carry) >= 10
+        run = run + 1 if carry else 0
+        best = max(best, run)
+    return best
+
+
+def solution(a: int, b: int, digits: int) -> str:
+    """Column-by-column working, units first: `7+5=12|4+8+1=13|...|#### 1332`."""
+    steps, carry = [], 0
+    for i in range(digits):
+        x, y = a // 10**i % 10, b // 10**i % 10
+        s = x + y + carry
+        steps.append(f"{x}+{y}" + ("+1" if carry else "") + f"={s}")
+        carry = s // 10
+    return "|".join(steps) + f"|#### {a + b}"
+
+
+def make_splits(p: Preset, seed: int = 1234) -> dict[str, list[dict]]:
+    """train / test (ID) / ood: problems whose leading digits are equal (77+74=) never appear in train or
+    test. Every step string like `7+7=14` is seen in the units column, so OOD asks for a known step at a new
+    place: composition, at the same length. Disjoint splits; fixed seed, so every run sees the same data."""
+    rng, seen, out = random.Random(seed), set(), {"train": [], "test": [], "ood": []}
+    want = {"train": p.n_train, "test": p.n_test, "ood": p.n_test}
+    lo, hi = 10 ** (p.digits - 1), 10**p.digits - 1
+    while any(len(out[k]) < want[k] for k in out):
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        split = "ood" if a // lo == b // lo else ("test" if len(out["test"]) < p.n_test else "train")
+        if len(out[split]) < want[split]:
+            out[split].append(dict(prompt=f"{a}+{b}=", answer=str(a + b), solution=solution(a, b, p.digits)))
+    return out
+
+
+def char_tokenizer(chars: str = VOCAB) -> PreTrainedTokenizerFast:
+    """A character-level transformers tokenizer built in code: one id per character, plus pad/unk/eos."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<eos>", *dict.fromkeys(chars)])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every character is a token
+    t.decoder = decoders.Fuse()  # join characters back without spaces
+    # pad != eos, so the model is taught to stop (kdrl masks by position anyway)
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+# -----------------------------------------------------------------------------
+# Models: random-init Llamas, and the supervised pre-training (demo plumbing, not part of KDRL).
+
+
+def new_model(tok, arch: dict, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    h = arch["hidden_size"]
+    cfg = LlamaConfig(vocab_size=len(tok), intermediate_size=4 * h, num_key_value_heads=arch["num_attention_heads"], max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=True, **arch)
+    return LlamaForCausalLM(cfg)
+
+
+def supervised(model, tok, examples: list[dict], steps: int, lr: float, batch: int, seed: int, desc: str, check=None, check_every: int = 100):
+    """Next-token NLL on prompt → worked solution + EOS, loss on the response only. `check()` every check_every
+    steps may return True to stop early (the teacher trains "until strong", the student "until not hopeless")."""
+    rng, opt = random.Random(seed), torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    device = next(model.parameters()).device
+    model.train()
+    for step in (bar := tqdm(range(steps), desc=desc, dynamic_ncols=True)):
+        rows = rng.sample(examples, batch)
+        seqs = [(tok(ex["prompt"])["input_ids"], tok(ex["solution"])["input_ids"] + [tok.eos_token_id]) for ex in rows]
+        L = max(len(p) + len(r) for p, r in seqs)
+        ids = torch.tensor([p + r + [tok.pad_token_id] * (L - len(p) - len(r)) for p, r in seqs], device=device)  # (B, L) right-padded
+        labels = torch.tensor([[-100] * len(p) + r + [-100] * (L - len(p) - len(r)) for p, r in seqs], device=device)
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (torch.arange(L, device=device) < torch.tensor([len(p) for p, _ in seqs], device=device)[:, None]), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if check and (step + 1) % check_every == 0:
+            model.eval()
+            stop = check()
+            model.train()
+            if stop:
+                break
+    model.eval()
+    return model
+
+
+def evaluate(model, tok, examples, p: Preset) -> dict:
+    """kdrl.evaluate (greedy + one sample) with the demo's sampling settings."""
+    return kdrl.evaluate(model, tok, examples, kdrl.math_reward, kdrl.KDRLConfig(**p.rl), batch_size=256)
+
+
+def reached(model, tok, data, p: Preset, target: float):
+    """A stopping check: greedy accuracy on a peek at 100 *train* problems (the test splits stay unseen) ≥ target."""
+    return lambda: evaluate(model, tok, data["train"][:100], p)["acc_greedy"] >= target
+
+
+def get_teacher(p: Preset, tok, data, cache_dir: Path, device):
+    """Train the teacher, or load it from cache/teacher-<hash of every setting that shapes it>."""
+    key = dict(arch=p.teacher, steps=p.teacher_steps, target=p.teacher_target, lr=p.sft_lr, batch=p.sft_batch, digits=p.digits, n_train=p.n_train, vocab=VOCAB, check="train100")
+    path = cache_dir / ("teacher-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
+    if (path / "meta.json").exists():
+        print(f"teacher: cached at {path}")
+        return LlamaForCausalLM.from_pretrained(path).to(device).eval().requires_grad_(False), json.loads((path / "meta.json").read_text())
+    t0, model = time.time(), new_model(tok, p.teacher, seed=0).to(device)
+    supervised(model, tok, data["train"], p.teacher_steps, p.sft_lr, p.sft_batch, 0, "teacher (supervised)", reached(model, tok, data, p, p.teacher_target))
+    meta = dict(train_s=time.time() - t0, settings=key)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "meta.json").write_text(json.dumps(meta, indent=2))
+    return model.requires_grad_(False), meta
+
+
+# -----------------------------------------------------------------------------
+# Post-training: every kdrl.METHODS preset from the same student, via kdrl.train.
+
+
+def method_config(method: str, p: Preset, seed: int, out: Path) -> kdrl.KDRLConfig:
+    """KDRLConfig(**{**demo overrides, **METHODS[method]}), then DEMO_SCALE applied once (see its comment)."""
+    cfg = kdrl.KDRLConfig(**{**p.rl, **kdrl.METHODS[method]}, method=method, seed=seed, out=str(out))
+    if cfg.beta and cfg.use_reward:  # β in the paper's units
+        cfg.beta *= DEMO_SCALE["beta"]
+        cfg.beta_min = cfg.beta_min * DEMO_SCALE["beta"] if cfg.beta_min is not None else None
+    if cfg.beta_decay_steps:
+        cfg.beta_decay_steps = max(1, round(cfg.beta_decay_steps * cfg.steps / DEMO_SCALE["paper_steps"]))
+    return cfg
+
+
+def run_method(method, p, seed, student0, teacher, tok, data, out: Path) -> dict:
+    cfg = method_config(method, p, seed, out / f"{method}-seed{seed}")
+    student, t0 = copy.deepcopy(student0), time.time()
+    summary = kdrl.train(cfg, student, teacher, tok, data["train"], kdrl.math_reward, data["test"])
+    wall = time.time() - t0
+    ood = evaluate(student, tok, data["ood"], p)
+    return dict(method=method, seed=seed, id=summary["eval"]["acc_greedy"], ood=ood["acc_greedy"], length=summary["eval"]["length"], wall_s=wall,
+                id_sampled=summary["eval"]["acc_sampled"], ood_sampled=ood["acc_sampled"], beta=cfg.beta, beta_min=cfg.beta_min, beta_decay_steps=cfg.beta_decay_steps)
+
+
+# -----------------------------------------------------------------------------
+# Reporting: table (mean ± standard error over seeds), JSON, plot.
+
+
+def mean_se(xs: list[float], fmt: str) -> str:
+    m = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return fmt.format(m)
+    se = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+    return f"{fmt.format(m)} ± {fmt.format(se)}"
+
+
+def table(rows: list[dict], names: list[str]) -> str:
+    lines = ["| model | n | ID acc (%) | OOD acc (%) | mean length (tokens) | wall time (s) |", "|---|---|---|---|---|---|"]
+    for name in names:
+        rs = [r for r in rows if r["method"] == name]
+        if rs:
+            cells = [mean_se([100 * r["id"] for r in rs], "{:.1f}"), mean_se([100 * r["ood"] for r in rs], "{:.1f}"),
+                     mean_se([r["length"] for r in rs], "{:.1f}"), mean_se([r["wall_s"] for r in rs], "{:.0f}")]
+            lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(out: Path, methods: list[str], seeds: int, start: dict[int, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        curves = []
+        for s in range(seeds):
+            evals = [json.loads(l) for l in (out / f"{m}-seed{s}" / "metrics.jsonl").read_text().splitlines()]
+            curves.append([(0, start[s])] + [(e["step"] + 1, e["acc_greedy"]) for e in evals if e.get("eval")])
+        xs = [x for x, _ in curves[0]]
+        ax.plot(xs, [100 * sum(c[i][1] for c in curves) / len(curves) for i in range(len(xs))], marker="o", ms=3, label=m)
+    ax.set(xlabel="step", ylabel="ID greedy accuracy (%)", title=f"post-training from the same student (mean of {seeds} seed(s))")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# --bench: the speed anchor. GRPO and KDRL steps of kdrl.train in the setting TRL's GRPOTrainer was timed in.
+
+
+def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list[str]:
+    """Time kdrl.train's GRPO and KDRL steps: a tiny Llama (6 layers, hidden 256) as student *and* teacher,
+    8 addition prompts × 8 samples, ≤ 48 new tokens at T = 1, μ = 1, fp32, 2 threads on CPU. Prints the
+    median step after `warmup` steps, its breakdown, non-pad tokens/s, and one `bench ...` line per method."""
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(2)
+    if model_dir:
+        tok = kdrl.load_tokenizer(model_dir, "bench-model")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    else:
+        tok = char_tokenizer(VOCAB)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                                             num_attention_heads=4, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+                                             pad_token_id=tok.pad_token_id, bos_token_id=None))
+    model = model.to(device).eval()
+    print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters on {device}, {torch.get_num_threads()} threads")
+    rng = random.Random(0)
+    data = [dict(prompt=f"{a}+{b}=", answer=str(a + b)) for a, b in ((rng.randint(10, 99), rng.randint(10, 99)) for _ in range(8 * (steps + warmup)))]
+    lines = []
+    for method in ("grpo", "kdrl"):
+        student = copy.deepcopy(model)  # the teacher stays the untouched model
+        out = Path(tempfile.mkdtemp(prefix=f"kdrl-bench-{method}-"))
+        cfg = kdrl.KDRLConfig(**{**kdrl.METHODS[method], "method": method, "steps": steps + warmup, "group_size": 8, "prompts_per_step": 8,
+                                 "max_new_tokens": 48, "temperature": 1.0, "mu": 1, "minibatch_size": 64, "lr": 1e-6, "out": str(out), "progress": False})
+        kdrl.train(cfg, student, model, tok, data, kdrl.math_reward)
+        rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if not r.get("eval")][warmup:]
+        shutil.rmtree(out, ignore_errors=True)
+        med = lambda key: statistics.median(r[key] for r in rows)
+        step = [r["time_sampling"] + r["time_teacher"] + r["time_update"] for r in rows]
+        lines.append(
+            f"bench {method} median_step_s={statistics.median(step):.2f} sampling_s={med('time_sampling'):.2f} teacher_s={med('time_teacher'):.2f}"
+            f" update_s={med('time_update'):.2f} tokens_per_s={sum(r['tokens'] for r in rows) / sum(step):.0f} mean_len={statistics.mean(r['length'] for r in rows):.1f}"
+        )
+    print("\n".join(lines))
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# Main.
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=list(PRESETS), default=None, help="default: gpu if CUDA is available, else cpu")
+    ap.add_argument("--out", default="runs/tiny", help="output directory (the teacher cache lives in <out>/cache)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per method (default: the preset's)")
+    ap.add_argument("--methods", default=",".join(kdrl.METHODS), help="comma-separated subset of kdrl.METHODS")
+    ap.add_argument("--bench", action="store_true", help="time GRPO and KDRL steps in the speed-anchor setting instead (see bench)")
+    ap.add_argument("--bench-model", default=None, help="with --bench: a saved causal LM to use as student and teacher (default: build the anchor model)")
+    args = ap.parse_args(argv)
+    if args.bench:
+        return dict(bench=bench(args.bench_model))
+    if args.preset is None:
+        args.preset = "gpu" if torch.cuda.is_available() else "cpu"
+        print("GPU found: using the gpu preset" if args.preset == "gpu" else "no GPU found: using the cpu preset (about 10 min on 2 cores; --preset gpu/smoke to override)")
+    p = PRESETS[args.preset]
+    p = replace(p, seeds=args.seeds or p.seeds)
+    methods = [m for m in args.methods.split(",") if m]
+    if bad := [m for m in methods if m not in kdrl.METHODS]:
+        ap.error(f"unknown methods {bad}; choose from {list(kdrl.METHODS)}")
+    out, device, t_start = Path(args.out), torch.device("cuda" if torch.cuda.is_available() else "cpu"), time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    tok, data = char_tokenizer(), make_splits(p)
+    print(f"preset {args.preset} | {len(data['train'])} train, {len(data['test'])} ID test, {len(data['ood'])} OOD | e.g. {data['train'][0]['prompt']}{data['train'][0]['solution']}")
+
+    teacher, meta = get_teacher(p, tok, data, out / "cache", device)
+    ev_t, ood_t = evaluate(teacher, tok, data["test"], p), evaluate(teacher, tok, data["ood"], p)
+    rows = [dict(method="teacher", seed=0, id=ev_t["acc_greedy"], ood=ood_t["acc_greedy"], length=ev_t["length"], wall_s=meta["train_s"])]
+    print(f"teacher: ID {ev_t['acc_greedy']:.1%} | OOD {ood_t['acc_greedy']:.1%}")
+    start_acc = {}
+    for seed in range(p.seeds):
+        t0 = time.time()
+        student = new_model(tok, p.student, seed=100 + seed).to(device)
+        supervised(student, tok, data["train"], p.student_steps, p.sft_lr, p.sft_batch, seed, f"student seed {seed} (supervised)",
+                   reached(student, tok, data, p, p.student_target), p.check_every)
+        wall, ev_s, ood_s = time.time() - t0, evaluate(student, tok, data["test"], p), evaluate(student, tok, data["ood"], p)
+        start_acc[seed] = ev_s["acc_greedy"]
+        rows.append(dict(method="student (start)", seed=seed, id=ev_s["acc_greedy"], ood=ood_s["acc_greedy"], length=ev_s["length"], wall_s=wall))
+        print(f"student seed {seed}: ID {ev_s['acc_greedy']:.1%} | OOD {ood_s['acc_greedy']:.1%}")
+        for m in methods:
+            rows.append(r := run_method(m, p, seed, student, teacher, tok, data, out))
+            print(f"{m} seed {seed}: ID {r['id']:.1%} | OOD {r['ood']:.1%} | length {r['length']:.1f} | {r['wall_s']:.0f}s")
+
+    n_params = lambda m: sum(x.numel() for x in m.parameters())
+    md = (f"# Results: preset `{args.preset}`, device {device}, {p.seeds} seed(s), total {time.time() - t_start:.0f}s\n\n"
+          f"Greedy accuracy on {len(data['test'])} ID and {len(data['ood'])} OOD problems, mean ± standard error over seeds (n = 1: no error bar). "
+          f"Teacher {n_params(teacher) / 1e3:.0f}K params, student {n_params(student) / 1e3:.0f}K. Teacher wall time = its supervised training (cached runs reuse it); "
+          f"student (start) = its brief supervised start; methods = kdrl.train incl. its evals.\n\n" + table(rows, ["teacher", "student (start)", *methods]) + "\n")
+    print("\n" + md)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(dict(preset=args.preset, device=str(device), settings=asdict(p), demo_scale=DEMO_SCALE, rows=rows), indent=2))
+    plot(out, methods, p.seeds, start_acc)
+    return dict(rows=rows, out=str(out))
+
+
+if __name__ == "__main__":
+    main()
