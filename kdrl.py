@@ -540,7 +540,7 @@ def _next_token(logits: torch.Tensor, temperature: float, vocab_size: int) -> tu
 
 def _drop_finished(cache, alive: torch.Tensor) -> torch.Tensor:
     """Shrink the KV cache to the rows still alive (alive: (rows,) bool); returns their indices.
-    Called once a quarter of the decoding batch has finished, so the copies stay rare."""
+    Called once a tenth of the decoding batch has finished, so the copies stay rare."""
     if not hasattr(cache, "reorder_cache"):  # a cache we cannot shrink: keep decoding every row
         return torch.arange(len(alive), device=alive.device)
     keep = alive.nonzero().squeeze(1)
@@ -583,7 +583,7 @@ def sample_rollouts(
         n_alive = int(alive.sum())  # the one host sync per token: stop as soon as all are done
         if t + 1 == max_new_tokens or n_alive == 0:
             break
-        if n_alive <= 0.75 * len(rows):
+        if n_alive <= 0.9 * len(rows):
             keep = _drop_finished(out.past_key_values, alive[rows])
             rows, attn, next_pos, token = rows[keep], attn[keep], next_pos[keep], token[keep]
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)

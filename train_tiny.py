@@ -1,14 +1,14 @@
 """
 train_tiny.py: the KDRL comparison on tiny models, from scratch, with no downloads.
 
-    python train_tiny.py                   # cpu preset without a GPU (about 10 min on 2 cores), gpu preset with one
+    python train_tiny.py                   # cpu preset without a GPU (about 6 min on 2 cores), gpu preset with one
     python train_tiny.py --preset smoke    # < 60 s, tiny everything: checks the plumbing, not the methods
 
-Task: 3-digit addition worked column by column with carries, e.g. `347+985=` → `7+5=12|4+8+1=13|3+9+1=13|#### 1332`,
-scored by kdrl.math_reward (the last `#### x`). Splits: train prompts and an in-distribution (ID) test set
-hold problems whose longest carry chain is at most 2 columns; the out-of-distribution (OOD) set holds only
-problems where all three columns carry. Same length, every single column step is seen in training, only
-the composition is new, so OOD accuracy measures composition rather than length extrapolation.
+Task: 2-digit addition worked column by column with carries, e.g. `95+98=` → `5+8=13|9+9+1=19|#### 193`,
+scored by kdrl.math_reward (the last `#### x`). The out-of-distribution (OOD) split holds the problems whose
+two tens digits are equal (`77+74=`); no method trains on them. Every step string such as `7+7=14` is seen
+in training, in the units column, so OOD asks for a known step in a new place: composition at the same
+length, not length extrapolation (which small character models fail at, so every method would score 0).
 
 Pipeline: (1) a Llama-style teacher (random init) is trained with supervision until it is strong in
 distribution, and cached under <out>/cache/teacher-<hash of its settings>; (2) a smaller student gets a
@@ -16,9 +16,11 @@ brief supervised start so that it begins weak but not hopeless; (3) from that sa
 kdrl.METHODS preset is post-trained with kdrl.train on the same rollout budget; (4) results.md (table),
 results.json (raw numbers), accuracy.png (ID greedy accuracy vs step) and one metrics.jsonl per run.
 
-What to expect: the teacher near or above 90% ID, the student starting around 10-30%, and the methods
-spread between. One seed on a few hundred problems is mostly noise: read differences smaller than a few
-points as ties. The demo scales the paper's β and anneal length to tiny models once, in DEMO_SCALE.
+What to expect (cpu preset, 2 CPU cores): about 2 min for the teacher (cached afterwards), then about
+25 s per method; the teacher at 96% ID, the student starting near 20%, and the methods between. One seed
+on 200 problems is mostly noise (a standard error of about 3 points): read smaller differences as ties.
+The demo scales the paper's β and anneal length to tiny models once, in DEMO_SCALE, and uses one learning
+rate for every method, the one best for GRPO (the baseline) among 1e-4, 3e-4 and 1e-3.
 """
 from __future__ import annotations
 
@@ -95,16 +97,6 @@ VOCAB = "0123456789+=|# "
 
 # -----------------------------------------------------------------------------
 # Task: procedurally generated additions with worked solutions.
-
-
-def carry_chain(a: int, b: int, digits: int) -> int:
-    """Longest run of consecutive columns that emit a carry."""
-    best = run = carry = 0
-    for i in range(digits):
-        carry = (a // 10**i % 10 + b // 10**i % 10 + carry) >= 10
-        run = run + 1 if carry else 0
-        best = max(best, run)
-    return best
 
 
 def solution(a: int, b: int, digits: int) -> str:
@@ -344,7 +336,7 @@ def main(argv=None) -> dict:
         return dict(bench=bench(args.bench_model))
     if args.preset is None:
         args.preset = "gpu" if torch.cuda.is_available() else "cpu"
-        print("GPU found: using the gpu preset" if args.preset == "gpu" else "no GPU found: using the cpu preset (about 10 min on 2 cores; --preset gpu/smoke to override)")
+        print("GPU found: using the gpu preset" if args.preset == "gpu" else "no GPU found: using the cpu preset (about 6 min on 2 cores; --preset gpu/smoke to override)")
     p = PRESETS[args.preset]
     p = replace(p, seeds=args.seeds or p.seeds)
     methods = [m for m in args.methods.split(",") if m]
