@@ -1271,6 +1271,20 @@ def test_demo_smoke_runs_every_method(tmp_path):
         assert len(_steps(tmp_path / f"{m}-seed0")) == train_tiny.PRESETS["smoke"].rl["steps"]
 
 
+def test_results_table_pairs_each_method_with_grpo_by_seed():
+    """The paired column's error is that of the per-seed differences from grpo (here 10 and 20 points: ± 5.0), not
+    the combined error of two means (± 18.0), since both methods start from the same student in each seed."""
+    import train_tiny
+
+    row = lambda method, seed, acc: dict(method=method, seed=seed, id=acc, ood=0.5, length=20.0, wall_s=3.0)
+    rows = [row("teacher", 0, 0.9), row("grpo", 0, 0.2), row("grpo", 1, 0.4), row("kd", 0, 0.3), row("kd", 1, 0.6)]
+    lines = train_tiny.table(rows, ["teacher", "grpo", "kd"]).splitlines()
+    assert lines[0].endswith("| ID − grpo, paired (points) |")
+    assert lines[2] == "| teacher | 1 | 90.0 | 50.0 | 20.0 | 3 | — |"
+    assert lines[3] == "| grpo | 2 | 30.0 ± 10.0 | 50.0 ± 0.0 | 20.0 ± 0.0 | 3 ± 0 | — |"
+    assert lines[4] == "| kd | 2 | 45.0 ± 15.0 | 50.0 ± 0.0 | 20.0 ± 0.0 | 3 ± 0 | +15.0 ± 5.0 |"
+
+
 def test_bench_prints_one_machine_readable_line_per_method(pair, capsys):
     """`train_tiny.py --bench --bench-model DIR` ends with a `bench <method> key=value ...` line for grpo and kdrl."""
     import train_tiny

@@ -1,7 +1,7 @@
 """
 train_tiny.py: the KDRL comparison on tiny models, from scratch, with no downloads.
 
-    python train_tiny.py                   # cpu preset without a GPU (about 6 min on 2 cores), gpu preset with one
+    python train_tiny.py                   # cpu preset without a GPU (6-8 min on 2 cores), gpu preset with one
     python train_tiny.py --preset smoke    # < 60 s, tiny everything: checks the plumbing, not the methods
 
 Task: 2-digit addition worked column by column with carries, e.g. `95+98=` → `5+8=13|9+9+1=19|#### 193`,
@@ -16,8 +16,8 @@ brief supervised start so that it begins weak but not hopeless; (3) from that sa
 kdrl.METHODS preset is post-trained with kdrl.train on the same rollout budget; (4) results.md (table),
 results.json (raw numbers), accuracy.png (ID greedy accuracy vs step) and one metrics.jsonl per run.
 
-What to expect (cpu preset, 2 CPU cores): about 2 min for the teacher (cached afterwards), then about
-25 s per method; the teacher at 96% ID, the student starting near 20%, and the methods between. One seed
+What to expect (cpu preset, 2 CPU cores): 2-2.5 min for the teacher (cached afterwards), then 25-40 s
+per method; the teacher at 96% ID, the student starting near 20%, and the methods between. One seed
 on 200 problems is mostly noise (a standard error of about 3 points): read smaller differences as ties.
 The demo scales the paper's β and anneal length to tiny models once, in DEMO_SCALE, and uses one learning
 rate for every method, the one best for GRPO (the baseline) among 1e-4, 3e-4 and 1e-3.
@@ -239,16 +239,22 @@ def mean_se(xs: list[float], fmt: str) -> str:
     if len(xs) == 1:
         return fmt.format(m)
     se = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-    return f"{fmt.format(m)} ± {fmt.format(se)}"
+    return f"{fmt.format(m)} ± {fmt.replace('+', '').format(se)}"
 
 
-def table(rows: list[dict], names: list[str]) -> str:
-    lines = ["| model | n | ID acc (%) | OOD acc (%) | mean length (tokens) | wall time (s) |", "|---|---|---|---|---|---|"]
+def table(rows: list[dict], names: list[str], baseline: str = "grpo") -> str:
+    """One row per model. The last column compares each method with the baseline *paired by seed* (both start
+    from the same student), which removes the spread between students that the per-column errors include."""
+    base = {r["seed"]: r["id"] for r in rows if r["method"] == baseline}
+    lines = [f"| model | n | ID acc (%) | OOD acc (%) | mean length (tokens) | wall time (s) | ID − {baseline}, paired (points) |", "|---|---|---|---|---|---|---|"]
     for name in names:
         rs = [r for r in rows if r["method"] == name]
         if rs:
+            paired = [100 * (r["id"] - base[r["seed"]]) for r in rs if r["seed"] in base]
+            show_paired = name not in (baseline, "teacher") and len(paired) == len(rs)
             cells = [mean_se([100 * r["id"] for r in rs], "{:.1f}"), mean_se([100 * r["ood"] for r in rs], "{:.1f}"),
-                     mean_se([r["length"] for r in rs], "{:.1f}"), mean_se([r["wall_s"] for r in rs], "{:.0f}")]
+                     mean_se([r["length"] for r in rs], "{:.1f}"), mean_se([r["wall_s"] for r in rs], "{:.0f}"),
+                     mean_se(paired, "{:+.1f}") if show_paired else "—"]
             lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -336,7 +342,7 @@ def main(argv=None) -> dict:
         return dict(bench=bench(args.bench_model))
     if args.preset is None:
         args.preset = "gpu" if torch.cuda.is_available() else "cpu"
-        print("GPU found: using the gpu preset" if args.preset == "gpu" else "no GPU found: using the cpu preset (about 6 min on 2 cores; --preset gpu/smoke to override)")
+        print("GPU found: using the gpu preset" if args.preset == "gpu" else "no GPU found: using the cpu preset (6-8 min on 2 cores; --preset gpu/smoke to override)")
     p = PRESETS[args.preset]
     p = replace(p, seeds=args.seeds or p.seeds)
     methods = [m for m in args.methods.split(",") if m]
@@ -367,7 +373,8 @@ def main(argv=None) -> dict:
 
     n_params = lambda m: sum(x.numel() for x in m.parameters())
     md = (f"# Results: preset `{args.preset}`, device {device}, {p.seeds} seed(s), total {time.time() - t_start:.0f}s\n\n"
-          f"Greedy accuracy on {len(data['test'])} ID and {len(data['ood'])} OOD problems, mean ± standard error over seeds (n = 1: no error bar). "
+          f"Greedy accuracy on {len(data['test'])} ID and {len(data['ood'])} OOD problems, mean ± standard error over seeds (n = 1: no error bar); "
+          f"the last column is the ID difference from grpo within each seed, mean ± standard error. "
           f"Teacher {n_params(teacher) / 1e3:.0f}K params, student {n_params(student) / 1e3:.0f}K. Teacher wall time = its supervised training (cached runs reuse it); "
           f"student (start) = its brief supervised start; methods = kdrl.train incl. its evals.\n\n" + table(rows, ["teacher", "student (start)", *methods]) + "\n")
     print("\n" + md)
