@@ -11,7 +11,7 @@ Zhang et al. 2026, arXiv 2602.22495, instead puts the teacher inside GRPO's clip
 
 The file reads top to bottom like the papers:
     config (KDRLConfig, METHODS)  →  pure math (kl_estimate, full_kl, kl_reward_to_go, grpo_advantages,
-    kdrl_loss, beta_schedule)  →  models (sample_rollouts, token_logprobs)  →  rewards (math_reward)
+    beta_schedule, kdrl_loss)  →  models (sample_rollouts, token_logprobs)  →  rewards (math_reward)
     →  the training loop (train)  →  the CLI (main).
 The math functions take tensors and return tensors: copy any of them into your own trainer unchanged.
 
@@ -334,7 +334,8 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool =
     std is the sample std (Bessel-corrected, like torch.std, TRL and verl); eps = 1e-6 is added to it, so
     a positive affine map of the rewards changes A by at most a relative eps/std. scale_by_std=False gives
     Dr.GRPO's mean-only advantage. A group whose rewards are all equal, and any group of size 1, gets
-    exactly 0: centring [0.1, 0.1, 0.1] leaves float residue that the std division would blow up to ±0.8.
+    exactly 0: centring [0.1, 0.1, 0.1] leaves float residue that the std division would turn into advantages
+    of order 1 without eps (±0.8) and still nonzero with it (about 0.007 for G = 8 in float32).
     """
     if rewards.ndim != 1 or rewards.shape[0] % group_size:
         raise ValueError(f"grpo_advantages: rewards {tuple(rewards.shape)} is not a flat batch of groups of {group_size}")
@@ -464,7 +465,7 @@ def kdrl_loss(
             entropy=-mean(logp),
             clip_frac=mean(clipped.to(logp.dtype)),
             ratio=mean(ratio),
-            kd_frac=kd_keep.sum().item() / n.item(),
+            kd_frac=kd_keep.sum().item() / n.item() if beta != 0 else 0.0,  # β = 0 (grpo, rlad): no token gets KD
         )
     return loss, metrics
 

@@ -889,6 +889,7 @@ def test_metrics_are_floats_and_consistent():
     assert metrics["kl_k3"] == pytest.approx(kdrl.kl_estimate(x, teacher, "k3")[mask].mean().item(), rel=1e-13)
     assert metrics["entropy"] == pytest.approx(-x[mask].mean().item(), rel=1e-13)
     assert metrics["kd_frac"] == 1.0
+    assert kdrl.kdrl_loss(logp, old, teacher, adv, mask, correct, _cfg(), 0.0)[1]["kd_frac"] == 0.0  # β = 0: no KD
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
 train_tiny.py: the KDRL comparison on tiny models, from scratch, with no downloads.
 
-    python train_tiny.py                   # cpu preset without a GPU (6-8 min on 2 cores), gpu preset with one
+    python train_tiny.py                   # cpu preset without a GPU (6.5-8.5 min on 2 cores), gpu preset with one
     python train_tiny.py --preset smoke    # < 60 s, tiny everything: checks the plumbing, not the methods
 
 Task: 2-digit addition worked column by column with carries, e.g. `95+98=` → `5+8=13|9+9+1=19|#### 193`,
@@ -16,7 +16,7 @@ brief supervised start so that it begins weak but not hopeless; (3) from that sa
 kdrl.METHODS preset is post-trained with kdrl.train on the same rollout budget; (4) results.md (table),
 results.json (raw numbers), accuracy.png (ID greedy accuracy vs step) and one metrics.jsonl per run.
 
-What to expect (cpu preset, 2 CPU cores): 2-2.5 min for the teacher (cached afterwards), then 25-40 s
+What to expect (cpu preset, 2 CPU cores): 2-2.5 min for the teacher (cached afterwards), then 25-45 s
 per method; the teacher at 96% ID, the student starting near 20%, and the methods between. One seed
 on 200 problems is mostly noise (a standard error of about 3 points): read smaller differences as ties.
 The demo scales the paper's β and anneal length to tiny models once, in DEMO_SCALE, and uses one learning
@@ -342,7 +342,7 @@ def main(argv=None) -> dict:
         return dict(bench=bench(args.bench_model))
     if args.preset is None:
         args.preset = "gpu" if torch.cuda.is_available() else "cpu"
-        print("GPU found: using the gpu preset" if args.preset == "gpu" else "no GPU found: using the cpu preset (6-8 min on 2 cores; --preset gpu/smoke to override)")
+        print("GPU found: using the gpu preset" if args.preset == "gpu" else "no GPU found: using the cpu preset (6.5-8.5 min on 2 cores; --preset gpu/smoke to override)")
     p = PRESETS[args.preset]
     p = replace(p, seeds=args.seeds or p.seeds)
     methods = [m for m in args.methods.split(",") if m]
