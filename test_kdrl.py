@@ -1117,6 +1117,7 @@ def test_tokenizer_mismatch_is_refused(pair, tmp_path, capsys):
     vocab = char_tokenizer(CHARS[::-1])  # same tokens, different ids
     vocab.save_pretrained(teacher)
     _fails(_argv(pair, tmp_path / "o", "--teacher", str(teacher)), capsys, "has id")
+    assert not (tmp_path / "o" / "checkpoint").exists()  # refused before any training or checkpoint
 
 
 # --- sampling and log-probs ------------------------------------------------------------------------
