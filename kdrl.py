@@ -395,6 +395,7 @@ def kdrl_loss(
     num_tokens: Optional[float] = None,
     num_seqs: Optional[int] = None,
     vocab_size: Optional[int] = None,
+    token_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict]:
     """The KDRL loss −J_KDRL = clipped GRPO surrogate + β · KD, for one (mini)batch. Returns (loss, metrics).
 
@@ -416,6 +417,9 @@ def kdrl_loss(
     cfg.kd_mask removes KD from whole responses (see kd_response_mask); their KD gradient is exactly 0.
     cfg.loss_agg: "token-mean" divides by num_tokens; "seq-mean" averages each response over its tokens,
     then divides by num_seqs; "constant" (Dr.GRPO) divides by max_new_tokens × num_seqs.
+    token_weight: (B, T) or (B, 1), detached, multiplies every per-token term, policy and KD alike (default 1).
+    Use it when the rollouts came from another sampler q than the π_old you score them with (vLLM): with
+    token_weight = π_old/q the expected gradient is the one sampling from π_old would give, for both terms.
     With beta = 0 this is exactly the GRPO loss; with zero advantages in "loss" mode, exactly β · KD.
     """
     mask = mask.bool()
@@ -424,7 +428,8 @@ def kdrl_loss(
     logp, old_logp, teacher_logp = (torch.where(mask, x, 0.0) for x in (logp, old_logp.detach(), teacher_logp.detach()))
     num_tokens = mask.sum().item() if num_tokens is None else num_tokens
     num_seqs = mask.shape[0] if num_seqs is None else num_seqs
-    agg = lambda x: _aggregate(x, mask, cfg.loss_agg, max(num_tokens, 1), max(num_seqs, 1), cfg.max_new_tokens)
+    weight = torch.ones_like(logp) if token_weight is None else torch.where(mask, token_weight.detach(), 0.0)  # (B, T)
+    agg = lambda x: _aggregate(weight * x, mask, cfg.loss_agg, max(num_tokens, 1), max(num_seqs, 1), cfg.max_new_tokens)
     kd_keep = kd_response_mask(correct, cfg.kd_mask, cfg.group_size)[:, None] & mask  # (B, T)
 
     # Policy term: GRPO's clipped surrogate, or TRRD's teacher-anchored ratio.
@@ -610,6 +615,27 @@ def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperatu
     return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)
 
 
+def head_logprobs(
+    head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_size: int, chunk_size: int = 256,
+    *, checkpoint: bool = True,
+) -> torch.Tensor:
+    """log softmax(head(hidden) / T)[target] over the first vocab_size columns. hidden (N, H), targets (N,) → (N,) float32.
+
+    The output head runs on chunk_size rows at a time, so the only (·, V) tensor alive is one chunk's logits.
+    With a gradient and checkpoint=True each chunk runs under activation checkpointing: its logits are
+    recomputed in the backward pass instead of saved, so memory stays O(chunk_size · V) whatever N is.
+    head is any callable (an nn.Linear, or nn.Identity when hidden already holds logits)."""
+    use_checkpoint = checkpoint and torch.is_grad_enabled() and hidden.requires_grad
+    out = []
+    for i in range(0, hidden.shape[0], chunk_size):
+        args = (head, hidden[i : i + chunk_size], targets[i : i + chunk_size], temperature, vocab_size)
+        if use_checkpoint:
+            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(*args))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def _length_buckets(lengths: torch.Tensor, n: int) -> list[torch.Tensor]:
     """Row indices sorted by response length, split into n buckets. Each bucket is run trimmed to its own
     longest response, so short responses stop paying for the padding behind the longest one (exact:
@@ -669,14 +695,8 @@ def token_logprobs(
         return logp.view(B, T), torch.zeros(B, T, model.config.vocab_size, device=input_ids.device)
     if hidden:
         hidden, targets, head = torch.cat(hidden), torch.cat(targets), torch.nn.Identity() if full else head
-        out = []
-        for i in range(0, hidden.shape[0], chunk_size):
-            args = (head, hidden[i : i + chunk_size], targets[i : i + chunk_size], temperature or 1.0, V)
-            if torch.is_grad_enabled() and hidden.requires_grad and not full:
-                out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-            else:
-                out.append(_chunk_logprobs(*args))
-        logp = logp.index_put((torch.cat(where),), torch.cat(out))
+        out = head_logprobs(head, hidden, targets, temperature or 1.0, V, chunk_size, checkpoint=not full)  # (n,)
+        logp = logp.index_put((torch.cat(where),), out)
     logp = logp.view(B, T)
     if return_logits:
         return logp, F.pad(logits, (0, 0, 0, T - logits.shape[1]))  # (B, T, V), zero past the longest response
