@@ -835,6 +835,55 @@ def test_minibatch_gradients_add_up(agg, kd, trrd):
         torch.testing.assert_close(grad_mb, grad, rtol=1e-13, atol=1e-15)
 
 
+def _one_token_expected_grad(student, teacher, sampler, adv, cfg, beta, weighted):
+    """Σ_y q(y) ∇kdrl_loss(y) over one-token responses y ~ q = softmax(sampler) (π_old = π: on-policy scoring),
+    each with token_weight π_old(y)/q(y) when weighted."""
+    logp_all = torch.log_softmax(student, 0)
+    old_all, teacher_all, logq = logp_all.detach(), torch.log_softmax(teacher, 0), torch.log_softmax(sampler, 0)
+    total = 0
+    for y in range(student.shape[0]):
+        weight = (old_all[y] - logq[y]).exp().view(1, 1) if weighted else None
+        loss, _ = kdrl.kdrl_loss(logp_all[y].view(1, 1), old_all[y].view(1, 1), teacher_all[y].view(1, 1), adv,
+                                 torch.ones(1, 1, dtype=torch.bool), torch.tensor([False]), cfg, beta, token_weight=weight)
+        total = total + logq[y].exp() * loss
+    return _grad(total, student)
+
+
+@settings(max_examples=25, **_SETTINGS)
+@given(st.integers(2, 5), st.sampled_from(["loss", "reward"]), st.sampled_from([None, 0.5]), st.floats(-2, 2), st.data())
+def test_token_weight_corrects_another_sampler_for_both_terms(V, kd_mode, trrd, a, data):
+    """One-token responses sampled by another engine q (vLLM) instead of π_old: with token_weight = π_old/q,
+    Σ_y q(y) ∇loss(y) = Σ_y π_old(y) ∇loss(y) exactly. With advantage 0 in loss mode the whole gradient is the
+    KD term's, so the weight reaches the KD term too (TRL's own correction weights the policy term only)."""
+    draw = lambda: torch.tensor(data.draw(st.lists(st.floats(-3, 3), min_size=V, max_size=V)), dtype=F64)
+    student, teacher, sampler = draw().requires_grad_(True), draw(), draw()
+    cfg = _cfg(kd_kind="k2", kd_mode=kd_mode, trrd_alpha=trrd, group_size=1, max_new_tokens=1)
+    for adv in (torch.tensor([a], dtype=F64), torch.zeros(1, dtype=F64)):
+        on_policy = _one_token_expected_grad(student, teacher, student.detach(), adv, cfg, 0.7, weighted=False)
+        reweighted = _one_token_expected_grad(student, teacher, sampler, adv, cfg, 0.7, weighted=True)
+        _close(reweighted, on_policy)
+
+
+def test_token_weight_is_needed():
+    """Sampling from q without the weight gives a clearly different gradient, so the test above is not vacuous."""
+    student = torch.tensor([0.5, -1.0, 2.0], dtype=F64, requires_grad=True)
+    teacher, sampler = torch.tensor([1.0, 0.0, -1.0], dtype=F64), torch.tensor([-1.0, 1.5, 0.0], dtype=F64)
+    cfg = _cfg(kd_kind="k2", group_size=1, max_new_tokens=1)
+    adv = torch.zeros(1, dtype=F64)
+    on_policy = _one_token_expected_grad(student, teacher, student.detach(), adv, cfg, 0.7, weighted=False)
+    unweighted = _one_token_expected_grad(student, teacher, sampler, adv, cfg, 0.7, weighted=False)
+    assert (unweighted - on_policy).abs().max().item() > 1e-2
+
+
+def test_token_weight_none_is_exactly_the_unweighted_loss():
+    """token_weight=None and a weight of ones give the same loss and gradient, bit for bit."""
+    logp, old, teacher, adv, mask, correct = _batch()
+    for cfg in (_cfg(kd_kind="k2"), _cfg(kd_mode="reward"), _cfg(trrd_alpha=0.5, kd_mask="response")):
+        a = _call(logp, old, teacher, adv, mask, correct, cfg, 0.3)
+        b = _call(logp, old, teacher, adv, mask, correct, cfg, 0.3, token_weight=torch.ones_like(logp))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 @pytest.mark.parametrize("agg", _AGGS)
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
 def test_zero_advantage_loss_is_beta_times_kd(agg, kind):
@@ -1295,3 +1344,186 @@ def test_bench_prints_one_machine_readable_line_per_method(pair, capsys):
     lines = capsys.readouterr().out.strip().splitlines()[-2:]
     pattern = r"bench {} median_step_s=\d+\.\d\d sampling_s=\d+\.\d\d teacher_s=\d+\.\d\d update_s=\d+\.\d\d tokens_per_s=\d+ mean_len=\d+\.\d"
     assert re.fullmatch(pattern.format("grpo"), lines[0]) and re.fullmatch(pattern.format("kdrl"), lines[1])
+
+
+# -----------------------------------------------------------------------------
+# Part 3: the TRL integration (kdrl_trl.py). CI installs requirements-trl.txt, so these run on every change.
+
+TRL_METHODS = [m for m in kdrl.METHODS if m not in ("sft", "kdrl-full")]
+
+
+@pytest.fixture(scope="module")
+def kdrl_trl():
+    return pytest.importorskip("kdrl_trl")
+
+
+def _fixed_rollouts(prompts, trainer):
+    """A deterministic rollout_func for TRL: completion g of the global batch depends on g and its prompt only,
+    so 1 and 2 processes see the same global batch. Mixes right and wrong answers, EOS and truncation."""
+    tok = trainer.processing_class
+    rank, n = trainer.accelerator.process_index, len(prompts)
+    completions = []
+    for i, prompt in enumerate(prompts):
+        g = rank * n + i
+        a, b = prompt.rstrip("=").split("+")
+        text = f"#### {int(a) + int(b) if g % 3 else 0}"[: 3 + g % 5]
+        eos = [tok.eos_token_id] if g % 4 else []
+        completions.append(tok(text, add_special_tokens=False)["input_ids"] + eos)
+    return dict(prompt_ids=tok(text=prompts)["input_ids"], completion_ids=completions, logprobs=None)
+
+
+def _trl_trainer(kdrl_trl, pair, tmp_path, method, **overrides):
+    cfg = kdrl.KDRLConfig(**{**kdrl.METHODS[method], **dict(
+        method=method, student=str(pair / "student"), teacher=str(pair / "teacher"), train=str(pair / "train.jsonl"),
+        out=str(tmp_path / method), steps=2, group_size=4, prompts_per_step=2, max_new_tokens=8, minibatch_size=8,
+        lr=1e-3, progress=False, device="cpu", temperature=0.7), **overrides})
+    tok = kdrl.load_tokenizer(cfg.student, "student")
+    examples = kdrl.load_jsonl(cfg.train)
+    student = kdrl.load_model(cfg.student, torch.device("cpu"), torch.float32, "student")
+    return kdrl_trl.KDRLTrainer(cfg, student, cfg.teacher, kdrl.math_reward, examples, args=kdrl_trl.grpo_config(cfg, 1),
+                                train_dataset=kdrl_trl.dataset_for(tok, examples), processing_class=tok,
+                                rollout_func=_fixed_rollouts), cfg, tok, examples
+
+
+@pytest.mark.parametrize("method", TRL_METHODS)
+def test_trl_loss_and_gradient_equal_kdrl(kdrl_trl, pair, tmp_path, method, monkeypatch):
+    """The subclass's whole path (rewards, advantages, KD masks, teacher log-probs, the loss) against kdrl.py's own
+    functions on the same completions: equal rewards and advantages, and equal loss and gradient in float32, with
+    μ = 2 (old log-probs ≠ current), a vLLM-style importance weight, and β at the annealing's kdrl step."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    overrides = dict(mu=2, kd_mask="group") if method == "kdrl" else dict(mu=2)
+    trainer, cfg, tok, examples = _trl_trainer(kdrl_trl, pair, tmp_path, method, **overrides)
+    G, index = cfg.group_size, (0, 5)
+    batch = trainer._generate_and_score_completions([dict(prompt=examples[i]["prompt"], kdrl_index=i) for i in index for _ in range(G)])
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    mask = batch["completion_mask"].bool()
+    B, T = mask.shape
+    g = torch.Generator().manual_seed(0)
+    # kdrl.py's own pipeline on the same completions
+    truncated = ~(batch["completion_ids"] == tok.eos_token_id).any(1)
+    ro = kdrl.Rollouts(ids, attn, mask, torch.zeros(B, T), truncated)
+    rewards, correct = kdrl.score_completions(kdrl.math_reward, [examples[i] for i in index], kdrl.decode(tok, ro), G)
+    assert 0 < correct.sum() < B and mask.sum(1).tolist() == [len(c) for c in _fixed_rollouts([examples[i]["prompt"] for i in index for _ in range(G)], trainer)["completion_ids"]]
+    adv = kdrl.grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps) if cfg.use_reward else torch.zeros(B)
+    torch.testing.assert_close(batch["advantages"], adv, rtol=0, atol=0)
+    assert torch.equal(batch["kd_keep"], kdrl.kd_response_mask(correct, cfg.kd_mask, G))
+    V, temp = len(tok), cfg.temperature
+    teacher = AutoModelForCausalLM.from_pretrained(pair / "teacher").eval()
+    with torch.no_grad():
+        teacher_logp = kdrl.token_logprobs(teacher, ids, attn, mask, temperature=temp, vocab_size=V)
+    if trainer.needs_teacher:
+        torch.testing.assert_close(batch["teacher_logps"], teacher_logp)
+    reference = AutoModelForCausalLM.from_pretrained(pair / "student").eval()
+    logp = kdrl.token_logprobs(reference, ids, attn, mask, temperature=temp, vocab_size=V)
+    old = torch.where(mask, logp.detach() + 0.3 * (torch.rand(B, T, generator=g) - 0.5), 0.0)
+    weight = torch.exp(0.2 * (torch.rand(B, T, generator=g) - 0.5))
+    trainer.state.global_step = 3  # μ = 2: kdrl step 1
+    beta = kdrl.beta_schedule(1, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
+    loss_ref, _ = kdrl.kdrl_loss(logp, old, teacher_logp, adv, mask, correct, cfg, beta, num_tokens=mask.sum().item(),
+                                 num_seqs=B, vocab_size=V, token_weight=weight)
+    batch.update(old_per_token_logps=old, importance_sampling_ratio=weight)
+    loss = trainer._compute_loss(trainer.model, batch)
+    torch.testing.assert_close(loss, loss_ref)
+    names = [n for n, _ in reference.named_parameters()]
+    grads_ref = torch.autograd.grad(loss_ref, list(reference.parameters()), allow_unused=True)
+    grads = torch.autograd.grad(loss, list(trainer.model.parameters()), allow_unused=True)
+    assert loss_ref.abs().item() > 0 and any(gr is not None and gr.abs().max() > 0 for gr in grads_ref)
+    for name, a, b in zip(names, grads, grads_ref):
+        if b is None:
+            assert a is None or a.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def _trl_argv(root: Path, out: Path, *extra):
+    return [*_argv(root, out, *extra), "--device", "cpu"]
+
+
+@pytest.mark.parametrize("method", ["grpo", "kdrl", "kdrl-mask", "kdrl-seq", "rlad"])
+def test_trl_two_real_steps(kdrl_trl, pair, tmp_path, method, capsys):
+    """Two steps through TRL with its own sampler; one metrics line per step; a checkpoint plain transformers loads."""
+    out = tmp_path / method
+    assert kdrl_trl.main(_trl_argv(pair, out, "--method", method)) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert {"pg_loss", "kd_loss", "kl_k1", "clip_frac", "ratio", "kd_frac", "beta", "reward"} <= set(rows[0])
+    assert rows[0]["beta"] == kdrl.METHODS[method].get("beta", kdrl.KDRLConfig.beta)
+    saved = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    assert json.loads((out / "checkpoint" / "kdrl_config.json").read_text())["method"] == method
+    if method in ("kdrl", "kdrl-mask", "kdrl-seq"):  # a teacher term moves the weights even when every reward is 0
+        w0 = AutoModelForCausalLM.from_pretrained(pair / "student").state_dict()
+        assert not all(torch.equal(w0[k], v) for k, v in saved.state_dict().items())
+
+
+def test_trl_refuses_bad_input_like_kdrl(kdrl_trl, pair, tmp_path, capsys):
+    """The same clear errors as kdrl.py, exit code 1, nothing saved: another tokenizer, malformed JSONL, a missing
+    path, and the two presets this integration cannot run exactly."""
+    out = tmp_path / "o"
+
+    def fails(argv, *needles):
+        assert kdrl_trl.main(argv) == 1
+        err = capsys.readouterr().err
+        assert all(n in err for n in needles), err
+
+    other = char_tokenizer(CHARS)
+    other.eos_token = "#"
+    teacher = tmp_path / "teacher"
+    _tiny("qwen2", 32, 1).save_pretrained(teacher)
+    other.save_pretrained(teacher)
+    fails(_trl_argv(pair, out, "--teacher", str(teacher)), "tokenizers differ", "eos_token_id")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "answer": 2}\n{"prompt": "2+2=", "answer": 4\n')
+    fails(_trl_argv(pair, out, "--train", str(bad)), "bad.jsonl, line 2", "malformed JSON")
+    fails(_trl_argv(pair, out, "--student", str(tmp_path / "nomodel")), "--student", "no such directory")
+    fails(_trl_argv(pair, out, "--method", "sft"), "SFTTrainer")
+    fails(_trl_argv(pair, out, "--method", "kdrl-full"), "(B, T, V)")
+    assert not (out / "checkpoint").exists()
+    with pytest.raises(kdrl.KDRLError, match="9 responses do not split over 2 processes"):
+        kdrl_trl.grpo_config(kdrl.KDRLConfig(prompts_per_step=3, group_size=3), 2)
+
+
+_DDP_DRIVER = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import kdrl_trl, test_kdrl
+cfg, options = kdrl_trl.parse(sys.argv[1:])
+# Adam's first step is lr·g/(|g| + eps): with eps = 1 it is ≈ lr·g, so the weights compare the gradients linearly
+# (with eps = 1e-8 it is ≈ lr·sign(g), which turns float rounding in near-zero gradients into whole steps)
+trainer = kdrl_trl.run(cfg, dict(options, adam_epsilon=1.0), rollout_func=test_kdrl._fixed_rollouts)
+model = trainer.accelerator.unwrap_model(trainer.model)
+torch.save({{k: v.detach().clone() for k, v in model.state_dict().items()}}, f"{{cfg.out}}/rank{{trainer.accelerator.process_index}}.pt")
+"""
+
+
+def test_trl_two_processes_equal_one(kdrl_trl, pair, tmp_path):
+    """Data parallel over gloo: 2 processes (torchrun, ACCELERATE_USE_CPU=1) on a fixed global batch end one step with
+    the same weights as 1 process (to float32 rounding), and identical weights on both ranks. kdrl-seq's seq-mean
+    and kdrl's token-mean normalisers both have to be right for this to hold."""
+    repo = Path(__file__).parent
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DDP_DRIVER.format(repo=str(repo)))
+    env = {**__import__("os").environ, "ACCELERATE_USE_CPU": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
+    for method, agg in (("kdrl", "token-mean"), ("kdrl-seq", "seq-mean")):
+        flags = ("--method", method, "--loss-agg", agg, "--steps", "1", "--prompts-per-step", "4", "--lr", "1e-2",
+                 "--beta", "0.5")
+        one, two = tmp_path / f"{method}-1", tmp_path / f"{method}-2"
+        for out, launcher in ((one, [sys.executable]), (two, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])):
+            r = subprocess.run([*launcher, str(driver), *_trl_argv(pair, out, *flags)], capture_output=True, text=True, env=env, cwd=repo)
+            assert r.returncode == 0, r.stderr[-3000:]
+        a, b, c = (torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt"))
+        w0 = AutoModelForCausalLM.from_pretrained(pair / "student").state_dict()
+        assert max((a[k] - w0[k]).abs().max().item() for k in a) > 1e-4  # the step moved the weights
+        assert all(torch.equal(b[k], c[k]) for k in b)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-7, msg=k)
+
+
+def test_readme_maps_every_config_field_to_trl(kdrl_trl):
+    """The README's "Beyond one GPU" table has a row for every KDRLConfig field, so it cannot drift silently."""
+    readme = (Path(__file__).parent / "README.md").read_text()
+    section = readme[readme.index("## Beyond one GPU"):]
+    for f in dataclasses.fields(kdrl.KDRLConfig):
+        assert f"| `{f.name}` |" in section, f.name
+    assert kdrl_trl.LOSS_TYPE == {"token-mean": "dapo", "seq-mean": "grpo", "constant": "dr_grpo"}

@@ -298,10 +298,7 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     else:
         tok = char_tokenizer(VOCAB)
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                                             num_attention_heads=4, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-                                             pad_token_id=tok.pad_token_id, bos_token_id=None))
+        model = _bench_model(tok)
     model = model.to(device).eval()
     print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters on {device}, {torch.get_num_threads()} threads")
     rng = random.Random(0)
@@ -325,6 +322,71 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list
     return lines
 
 
+def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list[str]:
+    """The same setting through TRL (needs requirements-trl.txt): TRL's plain GRPOTrainer at β = 0, then
+    kdrl_trl.KDRLTrainer with --method grpo and --method kdrl (the anchor model as its own teacher), each with TRL's
+    sampler, one optimizer step per batch of 64, no gradient checkpointing. Then kdrl.py's own bench, in the same run."""
+    import time
+
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    import kdrl_trl
+
+    torch.set_num_threads(2)
+    if model_dir:
+        tok = kdrl.load_tokenizer(model_dir, "bench-model")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    else:
+        tok = char_tokenizer(VOCAB)
+        model = _bench_model(tok)
+    rng = random.Random(0)
+    data = [dict(prompt=f"{a}+{b}=", answer=str(a + b)) for a, b in ((rng.randint(10, 99), rng.randint(10, 99)) for _ in range(64))]
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    def math_reward_trl(prompts, completions, kdrl_index, **kwargs):
+        return [kdrl.math_reward(p, c, data[i]) for p, c, i in zip(prompts, completions, kdrl_index)]
+
+    lines = []
+    for name, method in (("trl-grpo", "grpo"), ("kdrl_trl-grpo", "grpo"), ("kdrl_trl-kdrl", "kdrl")):
+        out = Path(tempfile.mkdtemp(prefix=f"kdrl-bench-{name}-"))
+        cfg = kdrl.KDRLConfig(**{**kdrl.METHODS[method], "method": method, "steps": steps + warmup, "group_size": 8,
+                                 "prompts_per_step": 8, "max_new_tokens": 48, "temperature": 1.0, "mu": 1, "minibatch_size": 64,
+                                 "lr": 1e-6, "out": str(out), "progress": False, "device": "cpu"})
+        args = kdrl_trl.grpo_config(cfg, 1, use_vllm=False)
+        timer, common = StepTimes(), dict(args=args, train_dataset=kdrl_trl.dataset_for(tok, data), processing_class=tok)
+        if name == "trl-grpo":
+            trainer = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=[math_reward_trl], callbacks=[timer], **common)
+        else:
+            trainer = kdrl_trl.KDRLTrainer(cfg, copy.deepcopy(model), copy.deepcopy(model), kdrl.math_reward, data,
+                                           callbacks=[timer], **common)
+        lengths = []
+        trainer.log = lambda logs, start_time=None: lengths.append(logs.get("completions/mean_length", 0.0))  # noqa: E731
+        trainer.train()
+        shutil.rmtree(out, ignore_errors=True)
+        teacher = getattr(trainer, "kdrl_timer", {}).get("teacher", 0.0) / (steps + warmup)
+        lines.append(f"bench {name} median_step_s={statistics.median(timer.times[warmup:]):.2f} teacher_s={teacher:.2f}"
+                     f" mean_len={statistics.mean(lengths[warmup:steps + warmup]):.1f}")
+        print(lines[-1], flush=True)
+    return lines + bench(model_dir, steps, warmup)
+
+
+def _bench_model(tok):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                                        num_attention_heads=4, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id, bos_token_id=None))
+
+
 # -----------------------------------------------------------------------------
 # Main.
 
@@ -337,7 +399,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", default=",".join(kdrl.METHODS), help="comma-separated subset of kdrl.METHODS")
     ap.add_argument("--bench", action="store_true", help="time GRPO and KDRL steps in the speed-anchor setting instead (see bench)")
     ap.add_argument("--bench-model", default=None, help="with --bench: a saved causal LM to use as student and teacher (default: build the anchor model)")
+    ap.add_argument("--bench-trl", action="store_true", help="--bench through TRL too: plain GRPOTrainer, kdrl_trl grpo and kdrl (needs requirements-trl.txt)")
     args = ap.parse_args(argv)
+    if args.bench_trl:
+        return dict(bench=bench_trl(args.bench_model))
     if args.bench:
         return dict(bench=bench(args.bench_model))
     if args.preset is None:
