@@ -99,7 +99,7 @@ def add_kdrl_head(model, temperature: float, vocab_size: int, chunk_size: int) -
         targets = kdrl_labels[:, 1:]  # (B, L−1): the token each position predicts
         scored = targets != -100  # (B, L−1)
         if (targets[scored] >= vocab_size).any():
-            raise kdrl.KDRLError(f"a sampled token id is >= the tokenizer's {vocab_size} tokens (a padded logit column)")
+            raise kdrl.KDRLError(f"a sampled token id is >= the tokenizer's {vocab_size} tokens (a padded column)")
         kwargs["use_cache"] = False
         if postprocessed or self.get_output_embeddings() is None:
             hidden = original_forward(*args, **kwargs).logits[:, :-1][scored]  # (n, V): logits, with an identity head
@@ -107,7 +107,8 @@ def add_kdrl_head(model, temperature: float, vocab_size: int, chunk_size: int) -
         else:
             hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1][scored]  # (n, H)
             head, checkpoint = _output_head(self.get_output_embeddings()), True
-        logp = kdrl.head_logprobs(head, hidden, targets[scored], temperature, vocab_size, chunk_size, checkpoint=checkpoint)
+        logp = kdrl.head_logprobs(head, hidden, targets[scored], temperature, vocab_size, chunk_size,
+                                  checkpoint=checkpoint)  # (n,)
         return torch.zeros(scored.shape, dtype=torch.float32, device=logp.device).masked_scatter(scored, logp)
 
     model.forward = types.MethodType(forward, model)
@@ -143,13 +144,15 @@ class KDRLTrainer(GRPOTrainer):
                 f"{args.gradient_accumulation_steps}: one kdrl step is one generation batch and one optimizer step"
             )
         if args.beta != 0.0:
-            raise kdrl.KDRLError("GRPOConfig.beta must be 0: kdrl's β (cfg.beta) is the KD coefficient toward the teacher")
+            raise kdrl.KDRLError("GRPOConfig.beta must be 0: kdrl's β (cfg.beta) is the KD coefficient to the teacher")
         self.cfg, self.reward_fn, self.examples = cfg, reward_fn, examples
         self.kdrl_timer, self.kdrl_tokens, self._window = kdrl.Timer(), 0, []
         super().__init__(model=model, reward_funcs=[self.kdrl_reward], **kwargs)
         self.vocab_size = len(self._tokenizer)
         if cfg.temperature != self.temperature:
-            raise kdrl.KDRLError(f"cfg.temperature={cfg.temperature} differs from GRPOConfig.temperature={self.temperature}")
+            raise kdrl.KDRLError(
+                f"cfg.temperature={cfg.temperature} differs from GRPOConfig.temperature={self.temperature}"
+            )
         self.needs_teacher = max(cfg.beta, cfg.beta_min or 0.0) > 0 or cfg.trrd_alpha is not None
         add_kdrl_head(self.model, self.temperature, self.vocab_size, cfg.logprob_chunk)
         self.teacher = self._prepare_teacher(teacher) if self.needs_teacher else None
@@ -181,17 +184,31 @@ class KDRLTrainer(GRPOTrainer):
         """(B, logits_to_keep) float32 log-probs of the completion tokens at the sampling temperature."""
         if any(v is not None for v in multimodal.values()):
             raise kdrl.KDRLError("kdrl_trl trains text-only models: multimodal inputs are not supported")
-        batch_size = batch_size or input_ids.shape[0]
-        out = []
-        for start in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[start : start + batch_size]  # (b, P+T)
-            attn = attention_mask[start : start + batch_size]  # (b, P+T)
-            labels = ids.masked_fill(attn == 0, -100)
-            labels[:, :-logits_to_keep] = -100  # score the completion only
-            with self.accelerator.autocast():
-                logp = model(input_ids=ids, attention_mask=attn, position_ids=kdrl._positions(attn), kdrl_labels=labels)
-            out.append(logp[:, -logits_to_keep:])  # (b, T)
-        return torch.cat(out), None, None
+        B, T = input_ids.shape[0], logits_to_keep
+        P = input_ids.shape[1] - T
+        # Without grad (teacher, old policy), rows run in buckets of similar length, each trimmed to its longest
+        # completion (kdrl._length_buckets: exact, attention is causal). With grad, one forward per micro-batch, as
+        # DDP expects; sharded models (ZeRO-3, FSDP) also keep one, since each forward gathers the parameters.
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        buckets = 1 if torch.is_grad_enabled() or sharded else 4
+        lengths = attention_mask[:, P:].sum(1)  # (B,) completion tokens per row
+        batch_size = batch_size or B
+        logp = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
+        for start in range(0, B, batch_size):
+            rows = torch.arange(start, min(start + batch_size, B), device=input_ids.device)
+            for idx in kdrl._length_buckets(lengths[rows], buckets) if buckets > 1 else [torch.arange(len(rows))]:
+                idx = rows[idx.to(rows.device)]
+                L = int(lengths[idx].max()) if buckets > 1 and len(idx) else T  # this bucket's longest completion
+                if L == 0:
+                    continue
+                ids, attn = input_ids[idx, : P + L], attention_mask[idx, : P + L]  # (b, P+L)
+                labels = ids.masked_fill(attn == 0, -100)
+                labels[:, :P] = -100  # score the completion only
+                with self.accelerator.autocast():
+                    positions = kdrl._positions(attn)  # (b, P+L), skipping the left padding
+                    scored = model(input_ids=ids, attention_mask=attn, position_ids=positions, kdrl_labels=labels)
+                logp[idx, :L] = scored[:, P - 1 :]  # (b, L)
+        return logp, None, None
 
     # --- rewards, advantages, teacher: once per generation batch ---
 
@@ -388,10 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     trl.add_argument("--use-vllm", action="store_true", help="generate with vLLM (install it separately)")
     trl.add_argument("--vllm-mode", choices=("colocate", "server"), default="colocate",
                      help="vLLM in the training processes (colocate) or in a separate `trl vllm-serve` (server)")
-    trl.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="colocate: vLLM's share of GPU memory")
+    trl.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
+                     help="colocate: vLLM's share of GPU memory")
     trl.add_argument("--vllm-importance-sampling-mode", default="token_truncate",
                      choices=("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
-                     help="TRL's correction between the vLLM sampler and the trainer (kdrl_trl applies it to both terms)")
+                     help="TRL's correction between the vLLM sampler and the trainer (applied to both terms)")
     return parser
 
 
@@ -411,6 +429,8 @@ def parse(argv=None) -> tuple[kdrl.KDRLConfig, dict]:
 def run(cfg: kdrl.KDRLConfig, trl_options: dict, reward_fn: Callable = kdrl.math_reward, **trainer_kwargs):
     """Check everything, build the trainer, train, save <out>/checkpoint. Returns the trainer. Raises KDRLError."""
     check_supported(cfg)
+    if cfg.eval_every:
+        raise kdrl.KDRLError("--eval-every is kdrl.py only: kdrl_trl.py evaluates once, at the end (--eval)")
     for name in ("student", "teacher", "train"):
         if not getattr(cfg, name):
             raise kdrl.KDRLError(f"--{name} is required")
@@ -425,7 +445,8 @@ def run(cfg: kdrl.KDRLConfig, trl_options: dict, reward_fn: Callable = kdrl.math
     args = grpo_config(cfg, world_size(), **trl_options)
     width = student.get_output_embeddings().weight.shape[0]
     if width > len(tokenizer) and not args.use_vllm:  # padded logit columns carry no probability, as in kdrl.py
-        args.generation_kwargs = {**(args.generation_kwargs or {}), "suppress_tokens": list(range(len(tokenizer), width))}
+        padded_ids = list(range(len(tokenizer), width))
+        args.generation_kwargs = {**(args.generation_kwargs or {}), "suppress_tokens": padded_ids}
     metrics = Path(cfg.out) / "metrics.jsonl"
     if not cfg.resume and metrics.exists() and is_main_process():
         metrics.unlink()  # a fresh run starts a fresh log
@@ -450,7 +471,7 @@ def _evaluate(trainer, tokenizer, eval_set, reward_fn, cfg, device) -> None:
     """kdrl.evaluate on the main process (greedy and sampled accuracy), when the weights are whole on every rank."""
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         if trainer.accelerator.is_main_process:
-            print("eval: skipped under DeepSpeed / FSDP (the weights are sharded); evaluate <out>/checkpoint with kdrl.py")
+            print("eval: skipped under DeepSpeed / FSDP (sharded weights); evaluate <out>/checkpoint with kdrl.py")
         return
     if trainer.accelerator.is_main_process:
         model = trainer.accelerator.unwrap_model(trainer.model).eval()

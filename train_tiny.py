@@ -301,8 +301,7 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list
         model = _bench_model(tok)
     model = model.to(device).eval()
     print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters on {device}, {torch.get_num_threads()} threads")
-    rng = random.Random(0)
-    data = [dict(prompt=f"{a}+{b}=", answer=str(a + b)) for a, b in ((rng.randint(10, 99), rng.randint(10, 99)) for _ in range(8 * (steps + warmup)))]
+    data = random_additions(8 * (steps + warmup))
     lines = []
     for method in ("grpo", "kdrl"):
         student = copy.deepcopy(model)  # the teacher stays the untouched model
@@ -325,7 +324,7 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list
 def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list[str]:
     """The same setting through TRL (needs requirements-trl.txt): TRL's plain GRPOTrainer at β = 0, then
     kdrl_trl.KDRLTrainer with --method grpo and --method kdrl (the anchor model as its own teacher), each with TRL's
-    sampler, one optimizer step per batch of 64, no gradient checkpointing. Then kdrl.py's own bench, in the same run."""
+    sampler, one optimizer step per batch of 64, no gradient checkpointing. Then kdrl.py's own bench in the same run."""
     import time
 
     from transformers import TrainerCallback
@@ -340,8 +339,7 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> 
     else:
         tok = char_tokenizer(VOCAB)
         model = _bench_model(tok)
-    rng = random.Random(0)
-    data = [dict(prompt=f"{a}+{b}=", answer=str(a + b)) for a, b in ((rng.randint(10, 99), rng.randint(10, 99)) for _ in range(64))]
+    data = random_additions(64)
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -353,38 +351,69 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> 
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter() - self.start)
 
+    class MeanLength(TrainerCallback):
+        def __init__(self, trainer, lengths):
+            self.trainer, self.lengths = trainer, lengths
+
+        def on_step_end(self, args, state, control, **kwargs):  # TRL's metrics of the step, before log() clears them
+            self.lengths.append(self.trainer._metrics["train"]["completions/mean_length"][-1])
+
     def math_reward_trl(prompts, completions, kdrl_index, **kwargs):
         return [kdrl.math_reward(p, c, data[i]) for p, c, i in zip(prompts, completions, kdrl_index)]
 
     lines = []
     for name, method in (("trl-grpo", "grpo"), ("kdrl_trl-grpo", "grpo"), ("kdrl_trl-kdrl", "kdrl")):
         out = Path(tempfile.mkdtemp(prefix=f"kdrl-bench-{name}-"))
-        cfg = kdrl.KDRLConfig(**{**kdrl.METHODS[method], "method": method, "steps": steps + warmup, "group_size": 8,
-                                 "prompts_per_step": 8, "max_new_tokens": 48, "temperature": 1.0, "mu": 1, "minibatch_size": 64,
-                                 "lr": 1e-6, "out": str(out), "progress": False, "device": "cpu"})
+        setting = dict(method=method, steps=steps + warmup, group_size=8, prompts_per_step=8, max_new_tokens=48,
+                       temperature=1.0, mu=1, minibatch_size=64, lr=1e-6, out=str(out), progress=False, device="cpu")
+        cfg = kdrl.KDRLConfig(**{**kdrl.METHODS[method], **setting})
         args = kdrl_trl.grpo_config(cfg, 1, use_vllm=False)
-        timer, common = StepTimes(), dict(args=args, train_dataset=kdrl_trl.dataset_for(tok, data), processing_class=tok)
+        timer = StepTimes()
+        common = dict(args=args, train_dataset=kdrl_trl.dataset_for(tok, data), processing_class=tok, callbacks=[timer])
         if name == "trl-grpo":
-            trainer = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=[math_reward_trl], callbacks=[timer], **common)
+            trainer = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=[math_reward_trl], **common)
         else:
             trainer = kdrl_trl.KDRLTrainer(cfg, copy.deepcopy(model), copy.deepcopy(model), kdrl.math_reward, data,
-                                           callbacks=[timer], **common)
+                                           **common)
         lengths = []
-        trainer.log = lambda logs, start_time=None: lengths.append(logs.get("completions/mean_length", 0.0))  # noqa: E731
+        trainer.add_callback(MeanLength(trainer, lengths))
         trainer.train()
         shutil.rmtree(out, ignore_errors=True)
-        teacher = getattr(trainer, "kdrl_timer", {}).get("teacher", 0.0) / (steps + warmup)
-        lines.append(f"bench {name} median_step_s={statistics.median(timer.times[warmup:]):.2f} teacher_s={teacher:.2f}"
+        parts = getattr(trainer, "kdrl_timer", {})  # kdrl_trl's breakdown, summed over all steps: per-step means
+        phases = ("sampling", "teacher", "update")
+        breakdown = " ".join(f"{k}_s={parts.get(k, 0.0) / (steps + warmup):.2f}" for k in phases)
+        lines.append(f"bench {name} median_step_s={statistics.median(timer.times[warmup:]):.2f} {breakdown}"
                      f" mean_len={statistics.mean(lengths[warmup:steps + warmup]):.1f}")
         print(lines[-1], flush=True)
     return lines + bench(model_dir, steps, warmup)
 
 
+def save_pair(out: Path) -> None:
+    """A tiny random student and teacher (different seeds, one tokenizer) and a JSONL of 64 additions, to try the
+    kdrl.py and kdrl_trl.py command lines on without downloading anything. Untrained: for plumbing, not results."""
+    tok = char_tokenizer()
+    arch = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    for name, seed in (("student", 0), ("teacher", 1)):
+        new_model(tok, arch, seed).save_pretrained(out / name)
+        tok.save_pretrained(out / name)
+    rows = random_additions(64)
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"saved {out}/student, {out}/teacher and {out}/train.jsonl")
+
+
 def _bench_model(tok):
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                                        num_attention_heads=4, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id, bos_token_id=None))
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                         num_attention_heads=4, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, bos_token_id=None)
+    return LlamaForCausalLM(config)
+
+
+def random_additions(n: int, seed: int = 0) -> list[dict]:
+    """n random 2-digit additions {"prompt": "37+58=", "answer": "95"} (the bench and --save-pair data)."""
+    rng = random.Random(seed)
+    pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(n)]
+    return [dict(prompt=f"{a}+{b}=", answer=str(a + b)) for a, b in pairs]
 
 
 # -----------------------------------------------------------------------------
@@ -399,8 +428,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", default=",".join(kdrl.METHODS), help="comma-separated subset of kdrl.METHODS")
     ap.add_argument("--bench", action="store_true", help="time GRPO and KDRL steps in the speed-anchor setting instead (see bench)")
     ap.add_argument("--bench-model", default=None, help="with --bench: a saved causal LM to use as student and teacher (default: build the anchor model)")
-    ap.add_argument("--bench-trl", action="store_true", help="--bench through TRL too: plain GRPOTrainer, kdrl_trl grpo and kdrl (needs requirements-trl.txt)")
+    ap.add_argument("--bench-trl", action="store_true",
+                    help="--bench through TRL too: plain GRPOTrainer, kdrl_trl grpo and kdrl (requirements-trl.txt)")
+    ap.add_argument("--save-pair", metavar="DIR", default=None,
+                    help="save a tiny random student/teacher pair and train.jsonl to DIR, then exit")
     args = ap.parse_args(argv)
+    if args.save_pair:
+        return save_pair(Path(args.save_pair)) or {}
     if args.bench_trl:
         return dict(bench=bench_trl(args.bench_model))
     if args.bench:
