@@ -299,7 +299,8 @@ class KDRLTrainer(GRPOTrainer):
         metrics = {k: v for k, v in self._metrics["train"].items()}  # read before super() clears them
         super().log(logs, start_time)
         if self.accelerator.is_main_process and "loss" in logs and metrics:
-            row = dict(logs, step=self.state.global_step // self.num_iterations - 1,
+            kdrl_step = (self.state.global_step - 1) // self.num_iterations  # μ optimizer steps per kdrl step
+            row = dict(logs, step=kdrl_step, optimizer_step=self.state.global_step - 1,
                        **{k: sum(v) / len(v) for k, v in metrics.items() if v})
             with (Path(self.args.output_dir) / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -480,6 +481,12 @@ def _evaluate(trainer, tokenizer, eval_set, reward_fn, cfg, device) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def shutdown() -> None:
+    """Destroy the process group, if any: left to the interpreter's exit, gloo aborts now and then (1 run in 6)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv=None) -> int:
     cfg, trl_options = parse(argv)
     try:
@@ -487,7 +494,10 @@ def main(argv=None) -> int:
     except kdrl.KDRLError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"saved {Path(cfg.out) / 'checkpoint'}")
+    finally:
+        shutdown()
+    if is_main_process():
+        print(f"saved {Path(cfg.out) / 'checkpoint'}")
     return 0
 
 

@@ -1494,6 +1494,7 @@ cfg, options = kdrl_trl.parse(sys.argv[1:])
 trainer = kdrl_trl.run(cfg, dict(options, adam_epsilon=1.0), rollout_func=test_kdrl._fixed_rollouts)
 model = trainer.accelerator.unwrap_model(trainer.model)
 torch.save({{k: v.detach().clone() for k, v in model.state_dict().items()}}, f"{{cfg.out}}/rank{{trainer.accelerator.process_index}}.pt")
+kdrl_trl.shutdown()
 """
 
 

@@ -288,17 +288,10 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list
     """Time kdrl.train's GRPO and KDRL steps: a tiny Llama (6 layers, hidden 256) as student *and* teacher,
     8 addition prompts × 8 samples, ≤ 48 new tokens at T = 1, μ = 1, fp32, 2 threads on CPU. Prints the
     median step after `warmup` steps, its breakdown, non-pad tokens/s, and one `bench ...` line per method."""
-    from transformers import AutoModelForCausalLM
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(2)
-    if model_dir:
-        tok = kdrl.load_tokenizer(model_dir, "bench-model")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
-    else:
-        tok = char_tokenizer(VOCAB)
-        model = _bench_model(tok)
+    tok, model = bench_model(model_dir)
     model = model.to(device).eval()
     print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters on {device}, {torch.get_num_threads()} threads")
     data = random_additions(8 * (steps + warmup))
@@ -333,12 +326,7 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> 
     import kdrl_trl
 
     torch.set_num_threads(2)
-    if model_dir:
-        tok = kdrl.load_tokenizer(model_dir, "bench-model")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
-    else:
-        tok = char_tokenizer(VOCAB)
-        model = _bench_model(tok)
+    tok, model = bench_model(model_dir)
     data = random_additions(64)
 
     class StepTimes(TrainerCallback):
@@ -401,12 +389,19 @@ def save_pair(out: Path) -> None:
     print(f"saved {out}/student, {out}/teacher and {out}/train.jsonl")
 
 
-def _bench_model(tok):
+def bench_model(model_dir: str | None = None):
+    """(tokenizer, model): the saved causal LM in model_dir, or the anchor model (a random tiny Llama, 6.3M)."""
+    from transformers import AutoModelForCausalLM
+
+    if model_dir:
+        tok = kdrl.load_tokenizer(model_dir, "bench-model")
+        return tok, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    tok = char_tokenizer(VOCAB)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
                          num_attention_heads=4, max_position_embeddings=128, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, bos_token_id=None)
-    return LlamaForCausalLM(config)
+    return tok, LlamaForCausalLM(config)
 
 
 def random_additions(n: int, seed: int = 0) -> list[dict]:
