@@ -619,7 +619,7 @@ def head_logprobs(
     head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_size: int, chunk_size: int = 256,
     *, checkpoint: bool = True,
 ) -> torch.Tensor:
-    """log softmax(head(hidden) / T)[target] over the first vocab_size columns. hidden (N, H), targets (N,) → (N,) float32.
+    """log softmax(head(hidden) / T)[target] over the first vocab_size columns. (N, H), (N,) → (N,) float32.
 
     The output head runs on chunk_size rows at a time, so the only (·, V) tensor alive is one chunk's logits.
     With a gradient and checkpoint=True each chunk runs under activation checkpointing: its logits are
