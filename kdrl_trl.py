@@ -282,7 +282,7 @@ class KDRLTrainer(GRPOTrainer):
         local = [sum(m[k] if k in _SUMMED_METRICS else n * m[k] for n, m in self._window) for k in keys]
         local.append(sum(n for n, _ in self._window))
         totals = self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), reduction="sum")
-        for k, value in zip(keys, totals[:-1].tolist()):
+        for k, value in zip(keys, totals[:-1].tolist(), strict=True):
             self._metrics["train"][k].append(value if k in _SUMMED_METRICS else value / max(totals[-1].item(), 1))
         self._metrics["train"]["beta"].append(beta)
         self._window = []
@@ -296,7 +296,7 @@ class KDRLTrainer(GRPOTrainer):
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
         """TRL's logging, plus one JSON line per logged step in <out>/metrics.jsonl, as kdrl.py writes."""
-        metrics = {k: v for k, v in self._metrics["train"].items()}  # read before super() clears them
+        metrics = dict(self._metrics["train"])  # read before super() clears them
         super().log(logs, start_time)
         if self.accelerator.is_main_process and "loss" in logs and metrics:
             kdrl_step = (self.state.global_step - 1) // self.num_iterations  # μ optimizer steps per kdrl step

@@ -318,8 +318,6 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> 
     """The same setting through TRL (needs requirements-trl.txt): TRL's plain GRPOTrainer at β = 0, then
     kdrl_trl.KDRLTrainer with --method grpo and --method kdrl (the anchor model as its own teacher), each with TRL's
     sampler, one optimizer step per batch of 64, no gradient checkpointing. Then kdrl.py's own bench in the same run."""
-    import time
-
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
