@@ -39,6 +39,7 @@ import dataclasses
 import inspect
 import json
 import math
+import pickle
 import random
 import re
 import shutil
@@ -153,8 +154,17 @@ class KDRLConfig:
     logprob_chunk: int = 256
     """positions per chunk when computing log-probs over the vocabulary"""
 
+    @classmethod
+    def from_method(cls, method: str = "kdrl", **overrides) -> "KDRLConfig":
+        """The config of a named method: defaults ← METHODS[method] ← overrides (which may tune its knobs,
+        not the fields that define it: validate_config refuses those). The CLI, the demo and the tests use it."""
+        if method not in METHODS:
+            raise KDRLError(f"config field method={method!r}: must be one of {tuple(METHODS)}")
+        return cls(**{**METHODS[method], **overrides, "method": method})
 
-# Each method is a set of overrides on KDRLConfig: the one place that defines it.
+
+# Each method is a set of overrides on KDRLConfig: the one place that defines it. Build a method's config with
+# KDRLConfig.from_method(name, **overrides); train() refuses a config whose fields contradict its method.
 METHODS: dict[str, dict] = {
     "grpo": dict(beta=0.0),
     "kd": dict(use_reward=False, beta=1.0, kd_kind="k2"),
@@ -166,6 +176,22 @@ METHODS: dict[str, dict] = {
     "rlad": dict(trrd_alpha=0.5, beta=0.0),
     "sft": dict(sft=True, beta=0.0),
 }
+
+# The fields that make each method what it is, beyond sft, use_reward and TRRD on/off, which every method
+# fixes. Every other field is a knob a flag may tune (β, α, γ, ε, the estimator of the KDRL variants, the
+# annealing schedule); changing one of these would silently turn the run into another method.
+_DEFINING: dict[str, tuple[str, ...]] = {
+    "grpo": ("beta", "beta_min"),
+    "kd": ("kd_mode",),
+    "kdrl": ("kd_mode", "kd_mask", "beta_min"),
+    "kdrl-anneal": ("kd_mode", "kd_mask"),
+    "kdrl-mask": ("kd_mode",),  # and kd_mask "response" or "group", not "none"
+    "kdrl-seq": ("kd_mode",),
+    "kdrl-full": ("kd_mode", "kd_kind"),
+    "rlad": ("beta", "beta_min"),
+    "sft": (),
+}
+
 
 class KDRLError(ValueError):
     """A user-facing problem (bad input, bad config, diverged run): main() prints it and exits 1."""
@@ -191,10 +217,59 @@ def validate_config(cfg: KDRLConfig) -> None:
     for name in ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "minibatch_size", "logprob_chunk"):
         if getattr(cfg, name) < 1:
             raise KDRLError(f"config field {name}={getattr(cfg, name)}: must be >= 1")
+    # `not x >= 0` rather than `x < 0`, so that NaN is refused too
+    ranges = [
+        ("beta", cfg.beta >= 0, ">= 0"),
+        ("lr", cfg.lr > 0, "> 0"),
+        ("clip_eps_low", 0 <= cfg.clip_eps_low < 1, "in [0, 1)"),
+        ("clip_eps_high", 0 <= cfg.clip_eps_high < 1, "in [0, 1)"),
+        ("adv_eps", cfg.adv_eps >= 0, ">= 0"),
+        ("trrd_clamp", cfg.trrd_clamp > 0, "> 0 (a clamp at 0 removes the teacher from the ratio)"),
+        ("kd_gamma", 0 <= cfg.kd_gamma <= 1, "in [0, 1]"),
+        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("max_grad_norm", cfg.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+        ("beta_decay_steps", cfg.beta_decay_steps >= 0, ">= 0"),
+        ("save_every", cfg.save_every >= 0, ">= 0"),
+        ("eval_every", cfg.eval_every >= 0, ">= 0"),
+        ("eval_limit", cfg.eval_limit >= 1, ">= 1"),
+    ]
+    for name, ok, rule in ranges:
+        if not ok:
+            raise KDRLError(f"config field {name}={getattr(cfg, name)}: must be {rule}")
+    if cfg.beta_min is not None and not 0 <= cfg.beta_min <= cfg.beta:
+        raise KDRLError(f"config field beta_min={cfg.beta_min}: must be in [0, beta={cfg.beta}] (annealing decays β)")
     if cfg.trrd_alpha is not None and not 0.0 <= cfg.trrd_alpha <= 1.0:
         raise KDRLError(f"config field trrd_alpha={cfg.trrd_alpha}: must be in [0, 1]")
     if cfg.temperature <= 0:  # greedy rollouts are identical within a group (A = 0) and are not samples of π
         raise KDRLError(f"config field temperature={cfg.temperature}: training samples at T > 0 (greedy decoding is for evaluation)")
+    if cfg.kd_kind == "full" and cfg.kd_mode == "reward":
+        raise KDRLError("config field kd_kind='full' needs kd_mode='loss' (reward mode uses the sampled-token k1 return)")
+    conflicts = method_conflicts(cfg)
+    if conflicts:
+        raise KDRLError(
+            "config field " + "; ".join(conflicts) + ". Pick the method that matches, or leave the field at the "
+            f"preset's value (from Python: KDRLConfig.from_method({cfg.method!r}, ...))"
+        )
+
+
+def method_conflicts(cfg: KDRLConfig) -> list[str]:
+    """The fields whose value contradicts cfg.method, each as "beta=0.01 contradicts method='grpo', ...", or []."""
+    preset = KDRLConfig(**METHODS[cfg.method])
+    m = cfg.method
+    out = []
+    for name in ("sft", "use_reward", *_DEFINING[m]):
+        if getattr(cfg, name) != getattr(preset, name):
+            out.append(f"{name}={getattr(cfg, name)!r} contradicts method={m!r}, which sets {name}={getattr(preset, name)!r}")
+    if (cfg.trrd_alpha is None) != (preset.trrd_alpha is None):
+        out.append(f"trrd_alpha={cfg.trrd_alpha!r} contradicts method={m!r}, which sets trrd_alpha={preset.trrd_alpha!r}")
+    if m in ("kd", "kdrl", "kdrl-anneal", "kdrl-mask", "kdrl-seq", "kdrl-full") and not cfg.beta > 0:
+        out.append(f"beta={cfg.beta!r} contradicts method={m!r}, which needs beta > 0 (beta = 0 is grpo)")
+    if m == "kdrl-mask" and cfg.kd_mask == "none":
+        out.append(f"kd_mask='none' contradicts method={m!r}, which needs kd_mask 'response' (or 'group')")
+    if m == "kdrl-anneal" and (cfg.beta_min is None or cfg.beta_decay_steps < 1):
+        out.append(f"beta_min={cfg.beta_min!r}, beta_decay_steps={cfg.beta_decay_steps} contradict method={m!r}, "
+                   "which needs a beta_min and beta_decay_steps >= 1")
+    return out
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -340,9 +415,17 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool =
     if rewards.ndim != 1 or rewards.shape[0] % group_size:
         raise ValueError(f"grpo_advantages: rewards {tuple(rewards.shape)} is not a flat batch of groups of {group_size}")
     r = rewards.view(-1, group_size)  # (num_groups, G)
+    # Rewards above ~1e154 (float64) or ~1e19 (float32) would overflow the variance. Each group is first divided
+    # by a power of two 2^k with max |r| < 2^(k+1) (k = 0 when |r| < 2): exact in floating point, so the result is
+    # bit for bit the unscaled formula wherever that one is finite, and finite for every finite reward.
+    _, exponent = torch.frexp(r.abs().amax(dim=1, keepdim=True))  # (num_groups, 1): max |r| = m·2^e, m in [0.5, 1)
+    scale = torch.ldexp(torch.ones_like(r[:, :1]), (exponent - 1).clamp(min=0))  # (num_groups, 1)
+    r = r / scale
     centred = r - r.mean(dim=1, keepdim=True)
     if scale_by_std and group_size > 1:
-        centred = centred / (r.std(dim=1, keepdim=True) + eps)
+        centred = centred / (r.std(dim=1, keepdim=True) + eps / scale)
+    else:
+        centred = centred * scale  # Dr.GRPO: in reward units (overflows only where r − mean does)
     constant = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
     return torch.where(constant, 0.0, centred).view(-1)
 
@@ -389,19 +472,19 @@ def kdrl_loss(
     correct: torch.Tensor,
     cfg: KDRLConfig,
     beta: float,
-    student_logits: Optional[torch.Tensor] = None,
-    teacher_logits: Optional[torch.Tensor] = None,
     *,
+    exact_kl: Optional[torch.Tensor] = None,
     num_tokens: Optional[float] = None,
     num_seqs: Optional[int] = None,
-    vocab_size: Optional[int] = None,
     token_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict]:
     """The KDRL loss −J_KDRL = clipped GRPO surrogate + β · KD, for one (mini)batch. Returns (loss, metrics).
 
     logp, old_logp, teacher_logp, mask: (B, T) over response tokens; advantages: (B,); correct: (B,) bool
     (the KD masks use correctness, not the reward, since a format bonus makes them differ).
-    student_logits, teacher_logits: (B, T, V), needed only for kd_kind="full".
+    exact_kl: (B, T), needed only for kd_kind="full": the exact KL(π ‖ π_T) over the vocabulary at each position,
+    with grad to the student, i.e. full_kl of both models' tempered logits. token_logprobs(..., kl_teacher=...)
+    computes it chunk by chunk without ever holding (B, T, V) logits.
     num_tokens / num_seqs: the response-token / response count of the *whole* batch when this is one
     minibatch of it, so that accumulated gradients equal the full-batch gradient (default: this batch's).
 
@@ -449,9 +532,9 @@ def kdrl_loss(
     # (In reward mode it is only a metric: the k1 estimate, whose negative is the KD reward.)
     kind = cfg.kd_kind if cfg.kd_mode == "loss" else "k1"
     if kind == "full":
-        if student_logits is None or teacher_logits is None:
-            raise ValueError("kdrl_loss: kd_kind='full' needs student_logits and teacher_logits")
-        kd_tok = full_kl(student_logits, teacher_logits, vocab_size)
+        if exact_kl is None:
+            raise ValueError("kdrl_loss: kd_kind='full' needs exact_kl, the per-token KL over the vocabulary (see full_kl)")
+        kd_tok = torch.where(mask, exact_kl, 0.0)
     else:
         w = torch.exp(logp.detach() - old_logp)  # π/π_old of the sampled token
         kd_tok = w * kl_estimate(logp, teacher_logp, kind)
@@ -492,11 +575,11 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, num_tok
 class Rollouts:
     """G sampled responses per prompt, prompt-major (the G responses of a prompt are contiguous)."""
 
-    input_ids: torch.Tensor  # (B, P+T) left-padded prompt, then the response, pad after its first EOS
-    attention_mask: torch.Tensor  # (B, P+T) 1 on prompt tokens and on response tokens up to the first EOS
-    response_mask: torch.Tensor  # (B, T) bool, response tokens up to and *including* the first EOS
+    input_ids: torch.Tensor  # (B, P+T) left-padded prompt, then the response, pad after its first end token
+    attention_mask: torch.Tensor  # (B, P+T) 1 on prompt tokens and on response tokens up to the first end token
+    response_mask: torch.Tensor  # (B, T) bool, response tokens up to and *including* the first end token
     logprobs: torch.Tensor  # (B, T) float32 log π(y_t | y_<t) at the sampling temperature (T = 1 if greedy), 0 where masked
-    truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
+    truncated: torch.Tensor  # (B,) bool, no end id (EOS or another, see end_token_ids) within max_new_tokens
 
     @property
     def response_ids(self) -> torch.Tensor:  # (B, T)
@@ -528,6 +611,16 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def end_token_ids(tokenizer, *models) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and each model's generation_config.eos_token_id (an int
+    or a list: Qwen2.5-Instruct names <|im_end|> and <|endoftext|>, Llama-3-Instruct three ids). Sorted, unique."""
+    ids = {tokenizer.eos_token_id}
+    for model in models:
+        listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids |= set(listed if isinstance(listed, (list, tuple)) else [listed])
+    return sorted(i for i in ids if i is not None)
+
+
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding, as generate() computes them. (B, L) → (B, L)."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -556,9 +649,12 @@ def _drop_finished(cache, alive: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_rollouts(
-    model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0, *, vocab_size: Optional[int] = None
+    model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0, *,
+    vocab_size: Optional[int] = None, end_ids: Optional[list[int]] = None,
 ) -> Rollouts:
     """Sample group_size responses to each prompt with a KV cache; temperature 0 is greedy.
+
+    A response ends at its first token in end_ids (default end_token_ids(tokenizer, model)), which it keeps.
 
     The reported log-probs are of softmax(logits / T): the distribution actually sampled, so that "on-policy"
     claims hold at any T (score the teacher at the same T). Logit columns ≥ vocab_size (default
@@ -568,15 +664,16 @@ def sample_rollouts(
     step costs in proportion to the rows it carries, and most responses end long before the longest.
     """
     V = vocab_size or len(tokenizer)
-    eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
+    end_ids = torch.tensor(end_ids if end_ids is not None else end_token_ids(tokenizer, model), device=device)
     ids, attn = (x.repeat_interleave(group_size, 0).to(device) for x in encode_prompts(tokenizer, prompts))
     B, prompt_attn = ids.shape[0], attn
     pos = _positions(attn)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     logps = torch.zeros(B, max_new_tokens, device=device)
-    alive = torch.ones(B, dtype=torch.bool, device=device)  # no EOS yet
+    alive = torch.ones(B, dtype=torch.bool, device=device)  # no end token yet
     resp_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     next_pos, rows = pos[:, -1], torch.arange(B, device=device)  # rows: batch index of each decoded row
     for t in range(max_new_tokens):
@@ -584,8 +681,8 @@ def sample_rollouts(
         live = alive[rows]
         tokens[rows, t] = torch.where(live, token, pad)
         logps[rows, t] = torch.where(live, lp, 0.0)
-        resp_mask[rows, t] = live  # includes the first EOS
-        alive[rows] = live & (token != eos)
+        resp_mask[rows, t] = live  # includes the first end token
+        alive[rows] = live & ~torch.isin(token, end_ids)
         n_alive = int(alive.sum())  # the one host sync per token: stop as soon as all are done
         if t + 1 == max_new_tokens or n_alive == 0:
             break
@@ -615,25 +712,45 @@ def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperatu
     return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)
 
 
+def _chunk_logprobs_kl(head, hidden, targets, temperature, vocab_size, teacher_head, teacher_hidden):
+    """_chunk_logprobs, and the exact KL(π ‖ π_T) per row from both models' rebuilt logits. → (N,), (N,) float32.
+    teacher_hidden: (N, H_T), the teacher's final hidden states at the same positions; no gradient reaches it."""
+    logits = head(hidden)[:, :vocab_size].float() / temperature  # (N, V)
+    logp = logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)  # (N,)
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_hidden)[:, :vocab_size].float() / temperature  # (N, V)
+    return logp, full_kl(logits, teacher_logits, vocab_size, chunk_size=max(len(logits), 1))
+
+
 def head_logprobs(
     head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_size: int, chunk_size: int = 256,
-    *, checkpoint: bool = True,
-) -> torch.Tensor:
+    *, checkpoint: bool = True, teacher: Optional[tuple] = None,
+):
     """log softmax(head(hidden) / T)[target] over the first vocab_size columns. (N, H), (N,) → (N,) float32.
 
-    The output head runs on chunk_size rows at a time, so the only (·, V) tensor alive is one chunk's logits.
+    The output head runs on chunk_size rows at a time, so the only (·, V) tensors alive are one chunk's logits.
     With a gradient and checkpoint=True each chunk runs under activation checkpointing: its logits are
     recomputed in the backward pass instead of saved, so memory stays O(chunk_size · V) whatever N is.
-    head is any callable (an nn.Linear, or nn.Identity when hidden already holds logits)."""
+    head is any callable (an nn.Linear, or nn.Identity when hidden already holds logits).
+    teacher=(teacher_head, teacher_hidden (N, H_T)): also return the exact KL(π ‖ π_T) of each row over the
+    vocabulary, (N,) with grad to hidden and head: each chunk rebuilds both models' logits at temperature T,
+    feeds them to full_kl and frees them. Returns (logp, kl) then."""
     use_checkpoint = checkpoint and torch.is_grad_enabled() and hidden.requires_grad
-    out = []
+    logps, kls = [], []
     for i in range(0, hidden.shape[0], chunk_size):
-        args = (head, hidden[i : i + chunk_size], targets[i : i + chunk_size], temperature, vocab_size)
-        if use_checkpoint:
-            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(*args))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+        rows = slice(i, i + chunk_size)
+        fn, args = _chunk_logprobs, (head, hidden[rows], targets[rows], temperature, vocab_size)
+        if teacher is not None:
+            fn, args = _chunk_logprobs_kl, (*args, teacher[0], teacher[1][rows])
+        out = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if use_checkpoint else fn(*args)
+        logps.append(out[0] if teacher is not None else out)
+        if teacher is not None:
+            kls.append(out[1])
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    logp = torch.cat(logps) if logps else empty  # (N,)
+    if teacher is not None:
+        return logp, torch.cat(kls) if kls else empty
+    return logp
 
 
 def _length_buckets(lengths: torch.Tensor, n: int) -> list[torch.Tensor]:
@@ -641,6 +758,16 @@ def _length_buckets(lengths: torch.Tensor, n: int) -> list[torch.Tensor]:
     longest response, so short responses stop paying for the padding behind the longest one (exact:
     attention is causal, so the positions cut away cannot change the ones kept)."""
     return list(lengths.argsort(descending=True, stable=True).chunk(n))
+
+
+def _logits_need_full_path(model) -> Optional[str]:
+    """Why this model's logits are not head(final hidden state) (so they cannot be rebuilt per chunk), or None."""
+    if model.get_output_embeddings() is None:
+        return "it exposes no output head"
+    for name in _LOGIT_POSTPROCESSING:
+        if getattr(model.config, name, None) not in (None, 1, 1.0):
+            return f"its config sets {name}={getattr(model.config, name)} (logits post-processed after the head)"
+    return None
 
 
 def token_logprobs(
@@ -653,21 +780,28 @@ def token_logprobs(
     vocab_size: Optional[int] = None,
     chunk_size: int = 256,
     length_buckets: int = 4,
-    return_logits: bool = False,
+    return_hidden: bool = False,
+    kl_teacher: Optional[tuple] = None,
 ):
     """Float32 log π(y_t | y_<t) of the response tokens at temperature T (0 where response_mask is 0).
 
     input_ids, attention_mask: (B, P+T); response_mask: (B, T), the last T columns. Returns (B, T).
     Rows run in length_buckets forward passes of similar response length (see _length_buckets). Only the
     response positions that the mask keeps go through the output head, chunk_size at a time, with the
-    columns ≥ vocab_size dropped. Memory beyond the model's own activations: O(chunk_size · V) float32.
-    Without grad that is all; with grad each chunk runs under activation checkpointing, so its logits are
-    recomputed in the backward pass instead of saved, and no (B, T, V) tensor, float32 or otherwise, is
-    ever alive. Models whose logits are post-processed after the head (Gemma-2 soft-capping, Cohere's
-    logit scale; see _LOGIT_POSTPROCESSING), or that expose no output head, fall back to the full logits
-    (B, T, V) in the model dtype, still gathered chunk by chunk in float32. return_logits=True (for
-    kd_kind="full") takes that path in a single bucket and returns (logp, logits): (B, T, V_model), the raw
-    (untempered) logits at the model's full padded width, zero past the longest response.
+    columns ≥ vocab_size dropped (head_logprobs). Memory beyond the model's own activations: O(chunk_size · V)
+    float32. Without grad that is all; with grad each chunk runs under activation checkpointing, so its
+    logits are recomputed in the backward pass instead of saved, and no (B, T, V) tensor is ever alive.
+    Models whose logits are post-processed after the head (Gemma-2 soft-capping, Cohere's logit scale; see
+    _LOGIT_POSTPROCESSING), or that expose no output head, fall back to the full logits (B, T, V) in the
+    model dtype, still gathered chunk by chunk in float32.
+
+    For kd_kind="full", with nothing of size V kept between the teacher's pass and the student's:
+    return_hidden=True (the teacher, no grad): also return its final hidden states at the response positions,
+      (B, T, H), zero where masked. With the model's output head that is all it takes to rebuild its logits.
+    kl_teacher=(teacher_head, teacher_hidden (B, T, H_T)) (the student, with grad): also return the exact
+      KL(π ‖ π_T) over the vocabulary at each response position, (B, T), 0 where masked, from both models'
+      logits rebuilt chunk by chunk (see head_logprobs).
+    Both need the plain head path and raise KDRLError for a model that would fall back.
     """
     B, T = response_mask.shape
     P = input_ids.shape[1] - T
@@ -675,9 +809,11 @@ def token_logprobs(
     mask = response_mask.bool()
     lengths = mask.sum(1)
     head = model.get_output_embeddings()
-    full = return_logits or head is None or any(getattr(model.config, k, None) not in (None, 1, 1.0) for k in _LOGIT_POSTPROCESSING)
+    full = _logits_need_full_path(model)
+    if full and (return_hidden or kl_teacher is not None):
+        raise KDRLError(f"kd_kind='full' rebuilds each model's logits from its hidden states, but {full}: use k2")
     hidden, targets, where = [], [], []
-    for idx in [torch.arange(B, device=mask.device)] if return_logits else _length_buckets(lengths, length_buckets):
+    for idx in _length_buckets(lengths, length_buckets):
         L = int(lengths[idx].max()) if len(idx) else 0  # this bucket's longest response
         if L == 0:
             continue
@@ -691,16 +827,29 @@ def token_logprobs(
         targets.append(ids[:, P:][m])  # (n,)
         where.append((idx[:, None] * T + torch.arange(L, device=idx.device))[m])  # (n,) flat index into (B, T)
     logp = torch.zeros(B * T, dtype=torch.float32, device=input_ids.device)
-    if return_logits and not hidden:  # no response token at all: nothing to score
-        return logp.view(B, T), torch.zeros(B, T, model.config.vocab_size, device=input_ids.device)
+    kl = torch.zeros(B * T, dtype=torch.float32, device=input_ids.device)
     if hidden:
-        hidden, targets, head = torch.cat(hidden), torch.cat(targets), torch.nn.Identity() if full else head
-        out = head_logprobs(head, hidden, targets, temperature or 1.0, V, chunk_size, checkpoint=not full)  # (n,)
-        logp = logp.index_put((torch.cat(where),), out)
-    logp = logp.view(B, T)
-    if return_logits:
-        return logp, F.pad(logits, (0, 0, 0, T - logits.shape[1]))  # (B, T, V), zero past the longest response
-    return logp
+        hidden, targets, where = torch.cat(hidden), torch.cat(targets), torch.cat(where)  # (n, H), (n,), (n,)
+        teacher = None
+        if kl_teacher is not None:
+            teacher_head, teacher_hidden = kl_teacher
+            teacher = (teacher_head, teacher_hidden.reshape(B * T, -1)[where])  # (n, H_T)
+        out = head_logprobs(
+            torch.nn.Identity() if full else head, hidden, targets, temperature or 1.0, V, chunk_size,
+            checkpoint=not full, teacher=teacher,
+        )
+        logp = logp.index_put((where,), out[0] if teacher else out)
+        if teacher:
+            kl = kl.index_put((where,), out[1])
+    if return_hidden:
+        h = hidden.shape[-1] if len(hidden) else model.config.hidden_size
+        states = torch.zeros(B * T, h, dtype=hidden.dtype if len(hidden) else torch.float32, device=input_ids.device)
+        if len(hidden):
+            states[where] = hidden
+        return logp.view(B, T), states.view(B, T, h)  # (B, T), (B, T, H)
+    if kl_teacher is not None:
+        return logp.view(B, T), kl.view(B, T)  # (B, T), (B, T)
+    return logp.view(B, T)
 
 
 # -----------------------------------------------------------------------------
@@ -816,13 +965,15 @@ def _sync():
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples: list[dict], reward_fn: Callable, cfg: KDRLConfig, batch_size: int = 64) -> dict:
-    """Greedy accuracy, sampled accuracy (one sample at cfg.temperature), mean response length, truncated fraction."""
+def evaluate(model, tokenizer, examples: list[dict], reward_fn: Callable, cfg: KDRLConfig, batch_size: int = 64,
+             end_ids: Optional[list[int]] = None) -> dict:
+    """Greedy accuracy, sampled accuracy (one sample at cfg.temperature), mean response length, truncated fraction.
+    end_ids: the ids that end a response (default end_token_ids(tokenizer, model))."""
     res = dict(greedy=[], sampled=[], length=[], truncated=[])
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         for name, temp in (("greedy", 0.0), ("sampled", cfg.temperature)):
-            ro = sample_rollouts(model, tokenizer, [ex["prompt"] for ex in chunk], 1, cfg.max_new_tokens, temp)
+            ro = sample_rollouts(model, tokenizer, [ex["prompt"] for ex in chunk], 1, cfg.max_new_tokens, temp, end_ids=end_ids)
             _, correct = score_completions(reward_fn, chunk, decode(tokenizer, ro), 1)
             res[name] += correct.tolist()
             if name == "greedy":
@@ -832,8 +983,22 @@ def evaluate(model, tokenizer, examples: list[dict], reward_fn: Callable, cfg: K
     return dict(acc_greedy=mean(res["greedy"]), acc_sampled=mean(res["sampled"]), length=mean(res["length"]), truncated=mean(res["truncated"]))
 
 
+def _evaluate_aside(model, tokenizer, examples, reward_fn, cfg: KDRLConfig, end_ids, step: int) -> dict:
+    """evaluate() on its own seeded RNG stream (seed, step), restored afterwards: evaluating, or not, never
+    changes what training samples next, so a run resumed with another eval_every continues exactly."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed * 100_003 + step + 1)
+        return evaluate(model, tokenizer, examples, reward_fn, cfg, end_ids=end_ids)
+
+
+def _keep_on_resume(row: dict, start: int) -> bool:
+    """metrics.jsonl rows a run resumed at `start` keeps: the steps before it, not the shorter run's final eval."""
+    return row["step"] < start and not row.get("final")
+
+
 def decode(tokenizer, ro: Rollouts) -> list[str]:
-    """Response texts, up to and including the first EOS (special tokens dropped)."""
+    """Response texts, up to and including the first end token (special tokens dropped)."""
     ids = ro.response_ids.masked_fill(~ro.response_mask, pad_token_id(tokenizer))
     return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
 
@@ -856,6 +1021,8 @@ def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, cfg: KD
     """Write <out>/checkpoint atomically: build it in a temporary directory, then rename it into place,
     so an interrupted save never leaves a half-written checkpoint and the last good one survives."""
     final, tmp, old = out / "checkpoint", out / ".checkpoint.tmp", out / ".checkpoint.old"
+    if not final.exists() and old.exists():  # a save was interrupted between its renames: put the good one back
+        old.rename(final)
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -869,16 +1036,48 @@ def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, cfg: KD
     return final
 
 
-def load_checkpoint(path: Path, student, optimizer) -> int:
+# Fields that may change on --resume: they decide how long, where and how visibly the run goes, or only bound
+# memory, never the math of a step. Any other difference (method, β, estimator, G, lr, seed, data...) is refused.
+RESUME_MAY_CHANGE = (
+    "steps", "resume", "progress", "out", "eval", "eval_every", "eval_limit", "save_every", "device", "dtype",
+    "gradient_checkpointing", "minibatch_size", "logprob_chunk",
+)
+
+
+def check_resume_config(saved: dict, cfg: KDRLConfig, path: Path, step: int) -> None:
+    """Refuse to resume a checkpoint (config `saved`, at `step`) under a config that changes the run's math."""
+    diffs = []
+    for f in dataclasses.fields(KDRLConfig):
+        if f.name not in RESUME_MAY_CHANGE and f.name in saved and saved[f.name] != getattr(cfg, f.name):
+            flag = "--" + f.name.replace("_", "-")
+            diffs.append(f"{f.name} (checkpoint {saved[f.name]!r}, now {getattr(cfg, f.name)!r}: {flag})")
+    if diffs:
+        raise KDRLError(
+            f"--resume: {path} was trained with a different config: " + "; ".join(diffs)
+            + ". These change the run's math: resume with the checkpoint's values or start a new --out"
+        )
+    if cfg.steps < step:
+        raise KDRLError(f"--resume: steps={cfg.steps} is below the checkpoint's step {step} ({path}); --steps may only grow")
+
+
+def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = None) -> int:
     """Restore the student's weights, the optimizer and the RNG from a checkpoint; returns its step.
-    Falls back to the previous one if a save was interrupted between its two renames."""
+    Falls back to the previous one if a save was interrupted between its two renames. With cfg, first refuses
+    a config that differs from the checkpoint's in anything but RESUME_MAY_CHANGE. Nothing in the folder is
+    unpickled as code: trainer_state.pt loads with weights_only=True, the weights from safetensors."""
     if not (path / "trainer_state.pt").exists() and (path.parent / ".checkpoint.old" / "trainer_state.pt").exists():
         path = path.parent / ".checkpoint.old"
     if not (path / "trainer_state.pt").exists():
         raise KDRLError(f"--resume: no checkpoint at {path} (missing trainer_state.pt)")
+    try:
+        state = torch.load(path / "trainer_state.pt", weights_only=True)
+        saved_cfg = json.loads((path / "kdrl_config.json").read_text())
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        raise KDRLError(f"--resume: cannot read the checkpoint in {path} ({type(e).__name__}: {e})") from None
+    if cfg is not None:
+        check_resume_config(saved_cfg, cfg, path, state["step"])
     saved = type(student).from_pretrained(path, dtype=next(student.parameters()).dtype)
     student.load_state_dict(saved.state_dict())
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     return state["step"]
@@ -900,15 +1099,71 @@ def _compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
-def _student_logprobs(cfg: KDRLConfig, student, teacher, ro: Rollouts, logprobs: Callable):
-    """The student's log-probs with grad; for kd_kind="full" also both models' tempered logits (B, T, V)."""
-    if not (cfg.kd_kind == "full" and cfg.kd_mode == "loss"):
-        return logprobs(student, ro), None, None
-    logp, s_logits = logprobs(student, ro, return_logits=True)
-    with torch.no_grad():
-        _, t_logits = logprobs(teacher, ro, return_logits=True)
-    T = cfg.temperature or 1.0
-    return logp, s_logits / T, t_logits / T
+def _logprobs(cfg: KDRLConfig, model, ro: Rollouts, vocab_size: int, **kw):
+    """token_logprobs of ro under model at the sampling temperature (SFT: T = 1, it is plain NLL)."""
+    temperature = 1.0 if cfg.sft else cfg.temperature
+    return token_logprobs(model, ro.input_ids, ro.attention_mask, ro.response_mask, temperature=temperature,
+                          vocab_size=vocab_size, chunk_size=cfg.logprob_chunk, **kw)
+
+
+def _needs_teacher(cfg: KDRLConfig) -> bool:
+    return not cfg.sft and (max(cfg.beta, cfg.beta_min or 0.0) > 0 or cfg.trrd_alpha is not None)
+
+
+def _full_kd(cfg: KDRLConfig) -> bool:
+    return cfg.kd_kind == "full" and cfg.kd_mode == "loss" and _needs_teacher(cfg)
+
+
+@torch.no_grad()
+def teacher_pass(cfg: KDRLConfig, student, teacher, ro: Rollouts, vocab_size: int) -> dict:
+    """Step 4, no grad: everything the update needs besides the student, in a size that does not grow with V.
+    teacher_logp (B, T); for kd_kind="full" teacher_hidden (B, T, H_T), the teacher's final hidden states, from
+    which the update rebuilds its logits chunk by chunk (the teacher runs once per step); for μ > 1, old_logp."""
+    scores = dict(teacher_logp=torch.zeros_like(ro.logprobs), teacher_hidden=None, old_logp=None)
+    if _full_kd(cfg):
+        scores["teacher_logp"], scores["teacher_hidden"] = _logprobs(cfg, teacher, ro, vocab_size, return_hidden=True)
+    elif _needs_teacher(cfg):
+        scores["teacher_logp"] = _logprobs(cfg, teacher, ro, vocab_size)
+    if cfg.mu > 1:
+        scores["old_logp"] = _logprobs(cfg, student, ro, vocab_size)
+    return scores
+
+
+def policy_update(cfg: KDRLConfig, student, teacher, optimizer, ro: Rollouts, advantages: torch.Tensor,
+                  correct: torch.Tensor, beta: float, scores: dict, vocab_size: int, step: int) -> tuple[float, list]:
+    """Step 5: μ epochs over the batch, each one optimizer step, gradients accumulated over minibatches of whole
+    groups with the full batch's normaliser. Returns the last epoch's grad norm and its (tokens, metrics) parts."""
+    B, mask = ro.input_ids.shape[0], ro.response_mask
+    mb = max(cfg.group_size, cfg.minibatch_size // cfg.group_size * cfg.group_size)  # whole groups ("group" KD mask)
+    num_tokens = (mask & correct[:, None]).sum().item() if cfg.sft else mask.sum().item()
+    for epoch in range(cfg.mu):
+        optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for sl in (slice(i, i + mb) for i in range(0, B, mb)):
+            if cfg.sft:  # the SFT baseline: NLL on the teacher's correct samples
+                loss, m = sft_loss(_logprobs(cfg, student, ro[sl], vocab_size), mask[sl], correct[sl], num_tokens)
+            else:
+                exact_kl = None
+                if scores["teacher_hidden"] is not None:  # kd_kind="full": KL over the vocabulary, chunk by chunk
+                    teacher_side = (teacher.get_output_embeddings(), scores["teacher_hidden"][sl])
+                    logp, exact_kl = _logprobs(cfg, student, ro[sl], vocab_size, kl_teacher=teacher_side)
+                else:
+                    logp = _logprobs(cfg, student, ro[sl], vocab_size)
+                old = scores["old_logp"][sl] if scores["old_logp"] is not None else logp.detach()  # μ = 1: ratio 1
+                loss, m = kdrl_loss(
+                    logp, old, scores["teacher_logp"][sl], advantages[sl], mask[sl], correct[sl], cfg, beta,
+                    exact_kl=exact_kl, num_tokens=num_tokens, num_seqs=B,
+                )
+            if not torch.isfinite(loss):
+                bad = {k: v for k, v in m.items() if not math.isfinite(v)}
+                raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {bad or 'none'})")
+            loss.backward()
+            parts.append((mask[sl].sum().item(), m))
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf")).item()
+        if not math.isfinite(grad_norm):
+            raise KDRLError(f"non-finite gradient at step {step} (grad_norm={grad_norm})")
+        optimizer.step()
+    return grad_norm, parts
 
 
 def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], reward_fn: Callable, eval_set: Optional[list[dict]] = None) -> dict:
@@ -934,70 +1189,43 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
     device = next(student.parameters()).device
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=_compute_dtype(cfg.dtype, device) == torch.bfloat16)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = load_checkpoint(out / "checkpoint", student, optimizer) if cfg.resume else 0
+    start = load_checkpoint(out / "checkpoint", student, optimizer, cfg) if cfg.resume else 0
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     metrics_path = out / "metrics.jsonl"
-    kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] < start] if cfg.resume and metrics_path.exists() else []
+    kept = [l for l in metrics_path.read_text().splitlines() if _keep_on_resume(json.loads(l), start)] if cfg.resume and metrics_path.exists() else []
     metrics_path.write_text("".join(l + "\n" for l in kept))
 
-    G, V, T_s = cfg.group_size, len(tokenizer), cfg.temperature
-    mb = max(G, cfg.minibatch_size // G * G)  # minibatches hold whole groups (the "group" KD mask needs them)
-    needs_teacher = not cfg.sft and (max(cfg.beta, cfg.beta_min or 0.0) > 0 or cfg.trrd_alpha is not None)
+    G, V = cfg.group_size, len(tokenizer)
+    end_ids = end_token_ids(tokenizer, student, teacher)
     timer, n_tokens, summary = Timer(), 0, {}
-    logprobs = lambda model, ro, **kw: token_logprobs(
-        model, ro.input_ids, ro.attention_mask, ro.response_mask, temperature=1.0 if cfg.sft else T_s, vocab_size=V, chunk_size=cfg.logprob_chunk, **kw
-    )
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress, dynamic_ncols=True)
     for step in bar:
         batch = [train_set[i] for i in batch_for_step(len(train_set), step, cfg.prompts_per_step, cfg.seed)]
         before = dict(timer)
         beta = beta_schedule(step, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
-
-        with timer("sampling"), amp():  # 1. G responses per prompt, from the current student (SFT: the teacher)
-            try:
-                ro = sample_rollouts(teacher if cfg.sft else student, tokenizer, [ex["prompt"] for ex in batch], G, cfg.max_new_tokens, T_s, vocab_size=V)
-            except KDRLError as e:
-                raise KDRLError(f"{e}, at step {step}; last good checkpoint kept in {out / 'checkpoint'}") from None
-        rewards, correct = score_completions(reward_fn, batch, decode(tokenizer, ro), G, cfg.format_bonus)  # 2.
-        rewards, correct = rewards.to(device), correct.to(device)
-        adv = grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps) if cfg.use_reward else torch.zeros_like(rewards)  # 3.
-        with timer("teacher"), amp():  # 4. teacher (and old-policy) log-probs, no grad
-            with torch.no_grad():
-                teacher_logp = logprobs(teacher, ro) if needs_teacher else torch.zeros_like(ro.logprobs)
-                old_logp = logprobs(student, ro) if cfg.mu > 1 else None
-        B, mask = ro.input_ids.shape[0], ro.response_mask
-        num_tokens = (mask & correct[:, None]).sum().item() if cfg.sft else mask.sum().item()
-        student.train(any(getattr(m, "gradient_checkpointing", False) is True for m in student.modules()))  # HF checkpoints only in train mode
-        with timer("update"), amp():  # 5. μ epochs; each one optimizer step, gradients accumulated over minibatches
-            for epoch in range(cfg.mu):
-                optimizer.zero_grad(set_to_none=True)
-                parts = []
-                for sl in (slice(i, i + mb) for i in range(0, B, mb)):
-                    if cfg.sft:  # the SFT baseline: NLL on the teacher's correct samples
-                        loss, m = sft_loss(logprobs(student, ro[sl]), mask[sl], correct[sl], num_tokens)
-                    else:
-                        logp, s_logits, t_logits = _student_logprobs(cfg, student, teacher, ro[sl], logprobs)
-                        old = old_logp[sl] if old_logp is not None else logp.detach()  # μ = 1: ratio exactly 1
-                        loss, m = kdrl_loss(
-                            logp, old, teacher_logp[sl], adv[sl], mask[sl], correct[sl], cfg, beta, s_logits, t_logits,
-                            num_tokens=num_tokens, num_seqs=B, vocab_size=V,
-                        )
-                    if not torch.isfinite(loss):
-                        bad = {k: v for k, v in m.items() if not math.isfinite(v)}
-                        raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {bad or 'none'}); last good checkpoint kept in {out / 'checkpoint'}")
-                    loss.backward()
-                    parts.append((mask[sl].sum().item(), m))
-                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf")).item()
-                if not math.isfinite(grad_norm):
-                    raise KDRLError(f"non-finite gradient at step {step} (grad_norm={grad_norm}); last good checkpoint kept in {out / 'checkpoint'}")
-                optimizer.step()
-        student.eval()
+        try:
+            with timer("sampling"), amp():  # 1. G responses per prompt, from the current student (SFT: the teacher)
+                ro = sample_rollouts(teacher if cfg.sft else student, tokenizer, [ex["prompt"] for ex in batch], G,
+                                     cfg.max_new_tokens, cfg.temperature, vocab_size=V, end_ids=end_ids)
+            rewards, correct = score_completions(reward_fn, batch, decode(tokenizer, ro), G, cfg.format_bonus)  # 2.
+            rewards, correct = rewards.to(device), correct.to(device)
+            adv = grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps) if cfg.use_reward else torch.zeros_like(rewards)  # 3.
+            with timer("teacher"), amp():  # 4. teacher (and old-policy) scores, no grad
+                scores = teacher_pass(cfg, student, teacher, ro, V)
+            student.train(any(getattr(m, "gradient_checkpointing", False) is True for m in student.modules()))  # HF checkpoints only in train mode
+            with timer("update"), amp():  # 5. μ epochs; each one optimizer step, gradients accumulated over minibatches
+                grad_norm, parts = policy_update(cfg, student, teacher, optimizer, ro, adv, correct, beta, scores, V, step)
+            student.eval()
+        except KDRLError as e:
+            where = "" if "at step" in str(e) else f", at step {step}"
+            raise KDRLError(f"{e}{where}; last good checkpoint kept in {out / 'checkpoint'}") from None
+        mask = ro.response_mask
 
         # 6. log, over the last epoch: each minibatch's *_loss is already its share of the batch (full-batch
         # normaliser), so those add up; the other metrics are per-minibatch means, weighted by tokens
         total = sum(n for n, _ in parts) or 1
         row = {k: sum(m[k] if k.endswith("_loss") else n * m[k] / total for n, m in parts) for k in parts[0][1]}
-        if not needs_teacher:
+        if not _needs_teacher(cfg):
             row.pop("kl_k1", None), row.pop("kl_k3", None), row.pop("kd_loss", None)  # no teacher was scored
         lengths = mask.sum(1).float()
         row.update(
@@ -1012,7 +1240,7 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", **kl, len=f"{row['length']:.0f}")
         if cfg.eval_every and eval_set and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             with timer("eval"):
-                ev = evaluate(student, tokenizer, eval_set[: cfg.eval_limit], reward_fn, cfg)
+                ev = _evaluate_aside(student, tokenizer, eval_set[: cfg.eval_limit], reward_fn, cfg, end_ids, step)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(dict(step=step, eval=True, **ev)) + "\n")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
@@ -1023,9 +1251,9 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
         save_checkpoint(out, cfg.steps, student, tokenizer, optimizer, cfg)
     if eval_set:
         with timer("eval"):
-            summary["eval"] = evaluate(student, tokenizer, eval_set[: cfg.eval_limit], reward_fn, cfg)
+            summary["eval"] = _evaluate_aside(student, tokenizer, eval_set[: cfg.eval_limit], reward_fn, cfg, end_ids, cfg.steps - 1)
         with metrics_path.open("a") as f:
-            f.write(json.dumps(dict(step=cfg.steps - 1, eval=True, **summary["eval"])) + "\n")
+            f.write(json.dumps(dict(step=cfg.steps - 1, eval=True, final=True, **summary["eval"])) + "\n")
     busy = sum(timer.get(k, 0.0) for k in ("sampling", "teacher", "update"))
     summary.update(time={k: round(v, 3) for k, v in timer.items()}, tokens_per_s=n_tokens / busy if busy else 0.0)
     if start < cfg.steps:
@@ -1121,12 +1349,19 @@ def load_tokenizer(path: str, role: str):
     return tok
 
 
+def _optional_float(text: str) -> Optional[float]:
+    """--beta-min none / --trrd-alpha none set the field back to None (off)."""
+    return None if text.lower() == "none" else float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per KDRLConfig field (--kd-kind for kd_kind), help from the field's docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    docs, types = field_docs(KDRLConfig), {"int": int, "float": float, "str": str, "Optional[float]": float}
+    docs, types = field_docs(KDRLConfig), {"int": int, "float": float, "str": str, "Optional[float]": _optional_float}
     for f in dataclasses.fields(KDRLConfig):
         flag, help_ = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default: {f.default}; a --method preset may change it)"
+        if f.type == "Optional[float]":
+            help_ += "; 'none' turns it off"
         if f.name in _CHOICES or f.name == "method":
             kw = dict(type=str, choices=_CHOICES.get(f.name, tuple(METHODS)))
         elif f.type == "bool":
@@ -1138,9 +1373,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv=None) -> KDRLConfig:
-    """Defaults ← the --method preset ← explicit flags."""
-    args = vars(build_parser().parse_args(argv))
-    return KDRLConfig(**{**METHODS[args.get("method", KDRLConfig.method)], **args})
+    """Defaults ← the --method preset ← explicit flags (see config_from_flags)."""
+    return config_from_flags(vars(build_parser().parse_args(argv)))
+
+
+def config_from_flags(flags: dict) -> KDRLConfig:
+    """KDRLConfig from the explicitly given flags {field: value}. A flag that changes one of the preset's own values
+    says so on stderr (the flag wins); one that contradicts the method itself is refused by validate_config."""
+    args = dict(flags)
+    method = args.pop("method", KDRLConfig.method)
+    for name, value in args.items():
+        if name in METHODS[method] and METHODS[method][name] != value:
+            flag = "--" + name.replace("_", "-")
+            print(f"note: {flag} {value} overrides --method {method}'s {name}={METHODS[method][name]}", file=sys.stderr)
+    return KDRLConfig.from_method(method, **args)
 
 
 def main(argv=None) -> int:

@@ -264,7 +264,6 @@ class KDRLTrainer(GRPOTrainer):
             logp, old_logp, inputs["teacher_logps"], inputs["advantages"], mask, ~inputs["kd_keep"], cfg, beta,
             num_tokens=inputs["num_items_in_batch"].item() / processes,
             num_seqs=inputs["num_seqs"].item() / processes,
-            vocab_size=self.vocab_size,
             token_weight=inputs.get("importance_sampling_ratio"),  # vLLM: π_old / π_vLLM, for both terms
         )
         if not torch.isfinite(loss):
@@ -423,7 +422,7 @@ def parse(argv=None) -> tuple[kdrl.KDRLConfig, dict]:
     trl_options = {k: args.pop(k) for k in _TRL_FLAGS}
     if not trl_options["use_vllm"]:
         trl_options = dict(use_vllm=False)
-    cfg = kdrl.KDRLConfig(**{**kdrl.METHODS[args.get("method", kdrl.KDRLConfig.method)], **args})
+    cfg = kdrl.config_from_flags(args)
     return cfg, trl_options
 
 

@@ -799,7 +799,7 @@ def test_padding_garbage_gives_zero_gradient_on_padded_slots(kd_mode):
 
 
 def test_teacher_never_gets_gradient():
-    """teacher_logp / teacher_logits requiring grad receive none: every kd_kind and kd_mode, TRRD on and off."""
+    """teacher_logp / teacher logits requiring grad receive none: every kd_kind and kd_mode, TRRD on and off."""
     logp, old, teacher, adv, mask, correct = _batch()
     B, T = logp.shape
     s_logits = _logits(B, T, 5, seed=11).requires_grad_(True)
@@ -807,7 +807,8 @@ def test_teacher_never_gets_gradient():
     teacher = teacher.clone().requires_grad_(True)
     for kind, mode, trrd in itertools.product(("k1", "k2", "k3", "full"), ("loss", "reward"), (None, 0.5)):
         cfg = _cfg(kd_kind=kind, kd_mode=mode, trrd_alpha=trrd)
-        loss, _ = kdrl.kdrl_loss(logp, old, teacher, adv, mask, correct, cfg, 0.5, s_logits, t_logits)
+        exact_kl = kdrl.full_kl(s_logits, t_logits)
+        loss, _ = kdrl.kdrl_loss(logp, old, teacher, adv, mask, correct, cfg, 0.5, exact_kl=exact_kl)
         loss.backward()
         assert teacher.grad is None and t_logits.grad is None
         assert logp.grad is not None
@@ -910,22 +911,20 @@ def test_zero_advantage_loss_full_kind():
     s_logits, t_logits = _logits(B, T, 5, seed=13), _logits(B, T, 5, seed=14)
     cfg = _cfg(kd_kind="full")
     zeros = torch.zeros(B, dtype=F64)
-    _, m1 = kdrl.kdrl_loss(logp, old, teacher, zeros, mask, correct, cfg, 1.0, s_logits, t_logits)
+    exact_kl = kdrl.full_kl(s_logits, t_logits)
+    _, m1 = kdrl.kdrl_loss(logp, old, teacher, zeros, mask, correct, cfg, 1.0, exact_kl=exact_kl)
     ref = _row_kl(s_logits, t_logits)[mask].mean().item()
     assert m1["kd_loss"] == pytest.approx(ref, rel=1e-12)
-    loss, m = kdrl.kdrl_loss(logp, old, teacher, zeros, mask, correct, cfg, 0.3, s_logits, t_logits)
+    loss, m = kdrl.kdrl_loss(logp, old, teacher, zeros, mask, correct, cfg, 0.3, exact_kl=exact_kl)
     assert m["pg_loss"] == 0.0
     assert loss.item() == pytest.approx(0.3 * m1["kd_loss"], rel=1e-12)
 
 
-def test_full_kind_needs_logits():
-    """kd_kind="full" without student_logits or teacher_logits raises ValueError."""
+def test_full_kind_needs_exact_kl():
+    """kd_kind="full" without exact_kl raises ValueError, naming it."""
     logp, old, teacher, adv, mask, correct = _batch()
-    cfg = _cfg(kd_kind="full")
-    logits = _logits(4, 6, 5)
-    for s, t in ((None, None), (logits, None), (None, logits)):
-        with pytest.raises(ValueError):
-            kdrl.kdrl_loss(logp, old, teacher, adv, mask, correct, cfg, 0.1, s, t)
+    with pytest.raises(ValueError, match="exact_kl"):
+        kdrl.kdrl_loss(logp, old, teacher, adv, mask, correct, _cfg(kd_kind="full"), 0.1)
 
 
 def test_metrics_are_floats_and_consistent():
@@ -1098,11 +1097,11 @@ def test_the_loop_learns_grpo_reward_and_kd_teacher(tmp_path):
     student, teacher = _tiny("llama", len(tok), 0), _tiny("llama", len(tok), 5)
     data = [{"prompt": f"{a}+{a}=", "answer": "7"} for a in range(10)]
     common = dict(steps=30, group_size=8, prompts_per_step=8, max_new_tokens=6, lr=3e-3, progress=False)
-    cfg = kdrl.KDRLConfig(**{**kdrl.METHODS["grpo"], **common}, method="grpo", out=str(tmp_path / "grpo"))
+    cfg = kdrl.KDRLConfig.from_method("grpo", **common, out=str(tmp_path / "grpo"))
     kdrl.train(cfg, copy.deepcopy(student), teacher, tok, data, lambda p, c, ex: float(c.startswith("7")))
     acc = [r["acc"] for r in _steps(tmp_path / "grpo")]
     assert sum(acc[:3]) / 3 < 0.15 and sum(acc[-3:]) / 3 > 0.4
-    cfg = kdrl.KDRLConfig(**{**kdrl.METHODS["kd"], **common}, method="kd", out=str(tmp_path / "kd"))
+    cfg = kdrl.KDRLConfig.from_method("kd", **common, out=str(tmp_path / "kd"))
     kdrl.train(cfg, copy.deepcopy(student), teacher, tok, data, kdrl.math_reward)
     kl = [r["kl_k3"] for r in _steps(tmp_path / "kd")]
     assert sum(kl[-3:]) < 0.5 * sum(kl[:3])
@@ -1376,8 +1375,8 @@ def _fixed_rollouts(prompts, trainer):
 
 
 def _trl_trainer(kdrl_trl, pair, tmp_path, method, **overrides):
-    cfg = kdrl.KDRLConfig(**{**kdrl.METHODS[method], **dict(
-        method=method, student=str(pair / "student"), teacher=str(pair / "teacher"), train=str(pair / "train.jsonl"),
+    cfg = kdrl.KDRLConfig.from_method(method, **{**dict(
+        student=str(pair / "student"), teacher=str(pair / "teacher"), train=str(pair / "train.jsonl"),
         out=str(tmp_path / method), steps=2, group_size=4, prompts_per_step=2, max_new_tokens=8, minibatch_size=8,
         lr=1e-3, progress=False, device="cpu", temperature=0.7), **overrides})
     tok = kdrl.load_tokenizer(cfg.student, "student")
@@ -1394,7 +1393,7 @@ def test_trl_loss_and_gradient_equal_kdrl(kdrl_trl, pair, tmp_path, method, monk
     functions on the same completions: equal rewards and advantages, and equal loss and gradient in float32, with
     μ = 2 (old log-probs ≠ current), a vLLM-style importance weight, and β at the annealing's kdrl step."""
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
-    overrides = dict(mu=2, kd_mask="group") if method == "kdrl" else dict(mu=2)
+    overrides = dict(mu=2, kd_mask="group") if method == "kdrl-mask" else dict(mu=2)
     trainer, cfg, tok, examples = _trl_trainer(kdrl_trl, pair, tmp_path, method, **overrides)
     G, index = cfg.group_size, (0, 5)
     batch = trainer._generate_and_score_completions([dict(prompt=examples[i]["prompt"], kdrl_index=i) for i in index for _ in range(G)])
@@ -1424,7 +1423,7 @@ def test_trl_loss_and_gradient_equal_kdrl(kdrl_trl, pair, tmp_path, method, monk
     trainer.state.global_step = 3  # μ = 2: kdrl step 1
     beta = kdrl.beta_schedule(1, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
     loss_ref, _ = kdrl.kdrl_loss(logp, old, teacher_logp, adv, mask, correct, cfg, beta, num_tokens=mask.sum().item(),
-                                 num_seqs=B, vocab_size=V, token_weight=weight)
+                                 num_seqs=B, token_weight=weight)
     batch.update(old_per_token_logps=old, importance_sampling_ratio=weight)
     loss = trainer._compute_loss(trainer.model, batch)
     torch.testing.assert_close(loss, loss_ref)

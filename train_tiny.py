@@ -210,8 +210,8 @@ def get_teacher(p: Preset, tok, data, cache_dir: Path, device):
 
 
 def method_config(method: str, p: Preset, seed: int, out: Path) -> kdrl.KDRLConfig:
-    """KDRLConfig(**{**demo overrides, **METHODS[method]}), then DEMO_SCALE applied once (see its comment)."""
-    cfg = kdrl.KDRLConfig(**{**p.rl, **kdrl.METHODS[method]}, method=method, seed=seed, out=str(out))
+    """KDRLConfig.from_method(method, **demo overrides), then DEMO_SCALE applied once (see its comment)."""
+    cfg = kdrl.KDRLConfig.from_method(method, **p.rl, seed=seed, out=str(out))
     if cfg.beta and cfg.use_reward:  # β in the paper's units
         cfg.beta *= DEMO_SCALE["beta"]
         cfg.beta_min = cfg.beta_min * DEMO_SCALE["beta"] if cfg.beta_min is not None else None
@@ -299,8 +299,8 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list
     for method in ("grpo", "kdrl"):
         student = copy.deepcopy(model)  # the teacher stays the untouched model
         out = Path(tempfile.mkdtemp(prefix=f"kdrl-bench-{method}-"))
-        cfg = kdrl.KDRLConfig(**{**kdrl.METHODS[method], "method": method, "steps": steps + warmup, "group_size": 8, "prompts_per_step": 8,
-                                 "max_new_tokens": 48, "temperature": 1.0, "mu": 1, "minibatch_size": 64, "lr": 1e-6, "out": str(out), "progress": False})
+        cfg = kdrl.KDRLConfig.from_method(method, steps=steps + warmup, group_size=8, prompts_per_step=8, max_new_tokens=48,
+                                          temperature=1.0, mu=1, minibatch_size=64, lr=1e-6, out=str(out), progress=False)
         kdrl.train(cfg, student, model, tok, data, kdrl.math_reward)
         rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if not r.get("eval")][warmup:]
         shutil.rmtree(out, ignore_errors=True)
@@ -352,7 +352,7 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> 
         out = Path(tempfile.mkdtemp(prefix=f"kdrl-bench-{name}-"))
         setting = dict(method=method, steps=steps + warmup, group_size=8, prompts_per_step=8, max_new_tokens=48,
                        temperature=1.0, mu=1, minibatch_size=64, lr=1e-6, out=str(out), progress=False, device="cpu")
-        cfg = kdrl.KDRLConfig(**{**kdrl.METHODS[method], **setting})
+        cfg = kdrl.KDRLConfig.from_method(**setting)
         args = kdrl_trl.grpo_config(cfg, 1, use_vllm=False)
         timer = StepTimes()
         common = dict(args=args, train_dataset=kdrl_trl.dataset_for(tok, data), processing_class=tok, callbacks=[timer])
