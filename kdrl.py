@@ -324,15 +324,17 @@ def _vocab_log_softmax(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class _FullKL(torch.autograd.Function):
-    """KL(softmax(s) ‖ softmax(t)) per row, chunked, with the analytic gradient ∇_s = p ⊙ (log p − log q − KL)."""
+    """KL(softmax(s) ‖ softmax(t)) per row, chunked, with the analytic gradient ∇_s = p ⊙ (log p − log q − KL).
+    Saves only its inputs; each chunk's log-softmaxes are rebuilt in the backward pass and updated in place, so
+    at most three (chunk, V) float32 tensors are alive at once."""
 
     @staticmethod
     def forward(ctx, s, t, vocab_size, chunk_size):  # s, t: (N, ≥vocab_size)
         out = s.new_empty(s.shape[0], dtype=torch.promote_types(s.dtype, torch.float32))
         for i in range(0, s.shape[0], chunk_size):
             logp = _vocab_log_softmax(s[i : i + chunk_size], vocab_size)  # (chunk, V) float32
-            logq = _vocab_log_softmax(t[i : i + chunk_size], vocab_size)
-            out[i : i + chunk_size] = (logp.exp() * (logp - logq)).sum(-1)
+            diff = _vocab_log_softmax(t[i : i + chunk_size], vocab_size).neg_().add_(logp)  # log p − log q
+            out[i : i + chunk_size] = torch.bmm(logp.exp_()[:, None, :], diff[:, :, None]).view(-1)  # Σ_v p (log p − log q)
         ctx.save_for_backward(s, t, out)
         ctx.vocab_size, ctx.chunk_size = vocab_size, chunk_size
         return out
@@ -343,9 +345,9 @@ class _FullKL(torch.autograd.Function):
         V, C = ctx.vocab_size, ctx.chunk_size
         grad = torch.zeros_like(s)  # padded columns ≥ vocab_size carry no probability and get no gradient
         for i in range(0, s.shape[0], C):
-            logp = _vocab_log_softmax(s[i : i + C], V)
-            logq = _vocab_log_softmax(t[i : i + C], V)
-            g = logp.exp() * (logp - logq - kl[i : i + C, None]) * grad_out[i : i + C, None]
+            logp = _vocab_log_softmax(s[i : i + C], V)  # (chunk, V)
+            g = _vocab_log_softmax(t[i : i + C], V).neg_().add_(logp).sub_(kl[i : i + C, None])  # log p − log q − KL
+            g.mul_(logp.exp_()).mul_(grad_out[i : i + C, None])  # p ⊙ (log p − log q − KL) · grad_out
             grad[i : i + C, :V] = g.to(s.dtype)
         return grad, None, None, None
 
@@ -415,17 +417,17 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool =
     if rewards.ndim != 1 or rewards.shape[0] % group_size:
         raise ValueError(f"grpo_advantages: rewards {tuple(rewards.shape)} is not a flat batch of groups of {group_size}")
     r = rewards.view(-1, group_size)  # (num_groups, G)
-    # Rewards above ~1e154 (float64) or ~1e19 (float32) would overflow the variance. Each group is first divided
-    # by a power of two 2^k with max |r| < 2^(k+1) (k = 0 when |r| < 2): exact in floating point, so the result is
-    # bit for bit the unscaled formula wherever that one is finite, and finite for every finite reward.
+    # Rewards above ~1e154 (float64) or ~1e19 (float32) would overflow the variance, and tiny ones underflow it.
+    # Each group is first divided by the power of two 2^k with 2^k <= max |r| < 2^(k+1): exact in floating point,
+    # so the result is bit for bit the unscaled formula wherever that one is finite, and finite for any reward.
+    # (ldexp, not division: torch divides a scalar by a tensor through its reciprocal, which overflows for 2^-1032.)
     _, exponent = torch.frexp(r.abs().amax(dim=1, keepdim=True))  # (num_groups, 1): max |r| = m·2^e, m in [0.5, 1)
-    scale = torch.ldexp(torch.ones_like(r[:, :1]), (exponent - 1).clamp(min=0))  # (num_groups, 1)
-    r = r / scale
+    r = torch.ldexp(r, 1 - exponent)  # (num_groups, G), max |r| in [1, 2)
     centred = r - r.mean(dim=1, keepdim=True)
     if scale_by_std and group_size > 1:
-        centred = centred / (r.std(dim=1, keepdim=True) + eps / scale)
+        centred = centred / (r.std(dim=1, keepdim=True) + torch.ldexp(torch.full_like(r[:, :1], eps), 1 - exponent))
     else:
-        centred = centred * scale  # Dr.GRPO: in reward units (overflows only where r − mean does)
+        centred = torch.ldexp(centred, exponent - 1)  # Dr.GRPO: back in reward units (overflows only where r − mean does)
     constant = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
     return torch.where(constant, 0.0, centred).view(-1)
 

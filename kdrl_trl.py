@@ -27,9 +27,10 @@ kdrl.score_completions, and the log-probs from kdrl.head_logprobs. What this fil
   the KD gradient is again the on-policy one. (TRL applies its correction to the policy term only.)
 
 Refused, with an error that says why: the sft preset (not a policy-gradient method; use TRL's SFTTrainer on
-the teacher's correct samples), and kd_kind="full" (kdrl-full), which needs both models' logits over the whole
-vocabulary at every position: at a 152K vocabulary that is tens of GB per micro-batch, and the chunked path that
-avoids it lives in kdrl.py's own loop. Multimodal inputs are refused too: kdrl trains text-only models.
+the teacher's correct samples), and kd_kind="full" (kdrl-full): kdrl.py computes it without (B, T, V) logits by
+keeping the teacher's final hidden states and calling its output head chunk by chunk inside the update, which here
+would mean carrying (B, T, H) states through TRL's batch shuffling and calling a head that ZeRO-3 / FSDP shard
+outside the teacher's forward. Multimodal inputs are refused too: kdrl trains text-only models.
 
 Differences from kdrl.py's own loop, all from TRL: the data order (TRL's seeded sampler, not batch_for_step),
 the sampler (transformers' generate or vLLM, not kdrl.sample_rollouts), checkpoints (TRL's checkpoint-N folders,
@@ -323,8 +324,8 @@ def check_supported(cfg: kdrl.KDRLConfig) -> None:
         )
     if cfg.kd_kind == "full" and cfg.kd_mode == "loss":
         raise kdrl.KDRLError(
-            "--kd-kind full (kdrl-full) is refused here: the exact KL over the vocabulary needs both models' logits at "
-            "every position, a (B, T, V) tensor of tens of GB at a 152K vocabulary; run it with kdrl.py, or use k2"
+            "--kd-kind full (kdrl-full) is refused here: its chunked exact KL calls the teacher's output head inside "
+            "the update, outside the teacher's forward (sharded under ZeRO-3 / FSDP); run it with kdrl.py, or use k2"
         )
 
 

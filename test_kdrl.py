@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -1175,12 +1176,12 @@ def test_tokenizer_mismatch_is_refused(pair, tmp_path, capsys):
 
 
 class _Scripted(torch.nn.Module):
-    """A fake causal LM: after position p it emits '5' while p < stop, then EOS (+100 logits)."""
+    """A fake causal LM: after position p it emits '5' while p < stop, then `end` (default EOS) (+100 logits)."""
 
-    def __init__(self, tok, stop, width):
+    def __init__(self, tok, stop, width, end=None):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
-        self.five, self.eos, self.stop, self.width = tok.convert_tokens_to_ids("5"), tok.eos_token_id, stop, width
+        self.five, self.eos, self.stop, self.width = tok.convert_tokens_to_ids("5"), end or tok.eos_token_id, stop, width
 
     def forward(self, input_ids, attention_mask, position_ids, **kw):
         B, L = input_ids.shape
@@ -1348,6 +1349,315 @@ def test_bench_prints_one_machine_readable_line_per_method(pair, capsys):
     assert re.fullmatch(pattern.format("grpo"), lines[0]) and re.fullmatch(pattern.format("kdrl"), lines[1])
 
 
+# --- real vocabularies: full-vocabulary KD without (B, T, V), end ids, config, resume -------------------------------
+
+
+def _rollouts_for(tok, model, prompts, group_size=2, max_new_tokens=7, temperature=0.9, seed=0):
+    torch.manual_seed(seed)
+    return kdrl.sample_rollouts(model, tok, prompts, group_size, max_new_tokens, temperature)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_chunked_full_kl_equals_the_full_logits_computation(chunk, temperature):
+    """kdrl-full's path (teacher: log-probs and final hidden states; student: log-probs and the exact KL, both
+    models' logits rebuilt chunk by chunk) gives the loss, the KL and every student gradient of the (B, T, V)
+    computation: both models' full logits, tempered, full_kl over the tokenizer's columns. Logits padded to
+    different widths (24 and 32 for a 18-token tokenizer), responses of different lengths."""
+    tok = char_tokenizer(CHARS)
+    V = len(tok)
+    student, teacher = _tiny("llama", 24, 0), _tiny("qwen2", 32, 1).requires_grad_(False)
+    ro = _rollouts_for(tok, student, ["12+3=", "7=", "1+1+1="], group_size=3, max_new_tokens=9, temperature=temperature)
+    mask, T = ro.response_mask, ro.response_mask.shape[1]
+    assert len(set(mask.sum(1).tolist())) > 1  # ragged lengths
+    B = mask.shape[0]
+    adv = torch.linspace(-1, 1, B)
+    correct = torch.arange(B) % 2 == 0
+    cfg = kdrl.KDRLConfig.from_method("kdrl-full", group_size=3, logprob_chunk=chunk)
+
+    def reference():
+        pos = kdrl._positions(ro.attention_mask)
+        s = student(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits[:, -T - 1 : -1]
+        with torch.no_grad():
+            t = teacher(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits[:, -T - 1 : -1]
+        s, t = s / temperature, t / temperature  # (B, T, 24), (B, T, 32)
+        logp = torch.log_softmax(s[..., :V], -1).gather(2, ro.response_ids[..., None]).squeeze(-1)
+        t_logp = torch.log_softmax(t[..., :V], -1).gather(2, ro.response_ids[..., None]).squeeze(-1)
+        return logp, t_logp, kdrl.full_kl(s, t, vocab_size=V)
+
+    def chunked():
+        with torch.no_grad():
+            t_logp, t_hidden = kdrl.token_logprobs(teacher, ro.input_ids, ro.attention_mask, mask, temperature=temperature,
+                                                   vocab_size=V, chunk_size=chunk, return_hidden=True)
+        assert t_hidden.shape == (B, T, teacher.config.hidden_size)  # what is kept between the passes: no V in it
+        logp, kl = kdrl.token_logprobs(student, ro.input_ids, ro.attention_mask, mask, temperature=temperature, vocab_size=V,
+                                       chunk_size=chunk, kl_teacher=(teacher.get_output_embeddings(), t_hidden))
+        return logp, t_logp, kl
+
+    results = []
+    for fn in (reference, chunked):
+        student.zero_grad()
+        logp, t_logp, kl = fn()
+        loss, metrics = kdrl.kdrl_loss(logp, logp.detach(), t_logp, adv, mask, correct, cfg, 0.7, exact_kl=kl)
+        loss.backward()
+        results.append((loss.detach(), torch.where(mask, kl, 0.0).detach(), metrics, [p.grad.clone() for p in student.parameters()]))
+    (loss_ref, kl_ref, m_ref, g_ref), (loss_new, kl_new, m_new, g_new) = results
+    torch.testing.assert_close(kl_new, kl_ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(loss_new, loss_ref, atol=2e-6, rtol=1e-5)
+    assert m_new["kd_loss"] == pytest.approx(m_ref["kd_loss"], rel=1e-5)
+    for a, b in zip(g_new, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
+    assert kl_ref[mask].min() > 0  # the models differ, so the KL term is not vacuous
+
+
+def test_no_head_call_sees_more_than_a_chunk_in_a_training_step(pair):
+    """Never (B, T, V): in a whole kdrl-full step (teacher pass and update, μ = 2), every call of either model's
+    output head gets at most logprob_chunk rows, and the logits of both models are never computed by the model's own
+    forward (which would build (B, T, V)); the same for kdrl (k2)."""
+    tok = char_tokenizer(CHARS)
+    student, teacher = _tiny("llama", 24, 0), _tiny("qwen2", 32, 1).requires_grad_(False)
+    ro = _rollouts_for(tok, student, ["12+3=", "7=", "1+1+1=", "4+4="], group_size=4, max_new_tokens=9)
+    correct = torch.arange(16) % 3 == 0
+    adv = kdrl.grpo_advantages(correct.double(), 4).float()
+    for method in ("kdrl-full", "kdrl"):
+        rows, full_forwards = [], []
+        hooks = [m.get_output_embeddings().register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+                 for m in (student, teacher)]
+        hooks += [m.register_forward_hook(lambda mod, args, out: full_forwards.append(1)) for m in (student, teacher)]
+        cfg = kdrl.KDRLConfig.from_method(method, group_size=4, mu=2, minibatch_size=8, logprob_chunk=5)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        scores = kdrl.teacher_pass(cfg, student, teacher, ro, len(tok))
+        kdrl.policy_update(cfg, student, teacher, optimizer, ro, adv, correct, cfg.beta, scores, len(tok), step=0)
+        for h in hooks:
+            h.remove()
+        assert rows and max(rows) <= 5 and full_forwards == []
+        assert (scores["teacher_hidden"] is not None) == (method == "kdrl-full")
+
+
+def test_every_end_id_ends_a_response():
+    """A model that emits the second end id (listed by its generation_config, not the tokenizer's EOS) stops there,
+    with that token kept in the mask and truncated False; without it listed, the response runs on to the cap."""
+    tok = char_tokenizer(CHARS)
+    second = tok.convert_tokens_to_ids("#")
+    model = _Scripted(tok, stop=2, width=len(tok) + 3, end=second)
+    model.generation_config = types.SimpleNamespace(eos_token_id=[tok.eos_token_id, second])
+    assert kdrl.end_token_ids(tok, model) == sorted({tok.eos_token_id, second})
+    ro = kdrl.sample_rollouts(model, tok, ["1", "12"], 1, 5, temperature=0.0)
+    five = tok.convert_tokens_to_ids("5")
+    # after positions 0 and 1 the model says '5', then the second end id; the prompts end at positions 0 and 1
+    assert ro.response_mask.tolist() == [[True, True, True], [True, True, False]]
+    assert ro.response_ids[0].tolist() == [five, five, second] and ro.response_ids[1, :2].tolist() == [five, second]
+    assert ro.truncated.tolist() == [False, False]
+    ro = kdrl.sample_rollouts(model, tok, ["1", "12"], 1, 5, temperature=0.0, end_ids=[tok.eos_token_id])
+    assert ro.response_mask.all() and ro.truncated.all()
+
+
+@pytest.fixture(scope="module")
+def large_pair(tmp_path_factory):
+    """The real-vocabulary fixture: 151,665 tokens with a ChatML template, Qwen2 student and teacher with logits
+    151,936 and 152,064 wide, generation configs listing <|im_end|> and <|endoftext|>."""
+    from train_tiny import save_large_vocab_pair
+
+    return save_large_vocab_pair(tmp_path_factory.mktemp("large"), hidden_size=16, layers=1)
+
+
+def test_large_vocab_fixture_is_what_it_claims(large_pair):
+    from transformers import AutoTokenizer
+
+    tok = kdrl.load_tokenizer(str(large_pair / "student"), "student")
+    assert len(tok) == 151_665 and tok.chat_template
+    widths = [AutoModelForCausalLM.from_pretrained(large_pair / n).config.vocab_size for n in ("student", "teacher")]
+    assert widths == [151_936, 152_064]
+    student = AutoModelForCausalLM.from_pretrained(large_pair / "student")
+    assert kdrl.end_token_ids(tok, student) == [151_643, 151_645]
+    prompt = kdrl.format_prompt(tok, "12+3=")
+    assert prompt == "<|im_start|>user\n12+3=<|im_end|>\n<|im_start|>assistant\n"
+    assert AutoTokenizer.from_pretrained(large_pair / "teacher").convert_tokens_to_ids("<|im_start|>") == 151_644
+
+
+@pytest.mark.parametrize("method", list(kdrl.METHODS))
+def test_every_preset_runs_on_a_real_vocabulary(large_pair, tmp_path, method):
+    """Each preset, 2 steps through main() on the 151,665-token pair; the checkpoint loads in plain
+    AutoModelForCausalLM, and its tokenizer still renders the chat template."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / method
+    argv = ["--student", str(large_pair / "student"), "--teacher", str(large_pair / "teacher"), "--train",
+            str(large_pair / "train.jsonl"), "--out", str(out), "--method", method, "--steps", "2", "--group-size", "2",
+            "--prompts-per-step", "2", "--max-new-tokens", "6", "--logprob-chunk", "4", "--no-progress"]
+    assert kdrl.main(argv) == 0
+    rows = _steps(out)
+    assert [r["step"] for r in rows] == [0, 1] and all(math.isfinite(r.get("pg_loss", r.get("sft_loss"))) for r in rows)
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    assert model.config.vocab_size == 151_936
+    tok = AutoTokenizer.from_pretrained(out / "checkpoint")
+    assert tok.apply_chat_template([{"role": "user", "content": "1+1="}], tokenize=False, add_generation_prompt=True).endswith(
+        "<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("beta", -0.1, "beta=-0.1: must be >= 0"),
+    ("beta", float("nan"), "beta=nan"),
+    ("beta_min", 0.01, "beta_min=0.01: must be in [0, beta=0.005]"),
+    ("clip_eps_low", 1.0, "clip_eps_low=1.0: must be in [0, 1)"),
+    ("clip_eps_high", -0.1, "clip_eps_high=-0.1"),
+    ("lr", 0.0, "lr=0.0: must be > 0"),
+    ("adv_eps", -1e-6, "adv_eps=-1e-06: must be >= 0"),
+    ("trrd_clamp", 0.0, "trrd_clamp=0.0: must be > 0"),
+    ("kd_gamma", 1.5, "kd_gamma=1.5: must be in [0, 1]"),
+    ("max_grad_norm", -1.0, "max_grad_norm=-1.0"),
+])
+def test_config_validation_names_the_field(field, value, needle):
+    with pytest.raises(kdrl.KDRLError) as e:
+        kdrl.validate_config(kdrl.KDRLConfig(**{field: value}))
+    assert needle in str(e.value)
+
+
+def test_full_kl_is_refused_in_reward_mode():
+    with pytest.raises(kdrl.KDRLError, match="kd_kind='full' needs kd_mode='loss'"):
+        kdrl.validate_config(kdrl.KDRLConfig.from_method("kdrl-seq", kd_kind="full"))
+
+
+def test_method_presets_are_one_entry_point_and_contradictions_are_refused(pair, tmp_path, capsys):
+    """KDRLConfig.from_method applies the preset; a config whose fields contradict its method is refused by
+    validate_config and so by train() (KDRLConfig(method="grpo") would otherwise train KDRL); knobs may be tuned."""
+    for name in kdrl.METHODS:
+        kdrl.validate_config(kdrl.KDRLConfig.from_method(name))
+    refused = [
+        (dict(method="grpo"), "beta=0.005 contradicts method='grpo'"),
+        (dict(method="rlad"), "trrd_alpha=None contradicts method='rlad'"),
+        (dict(method="sft"), "sft=False contradicts method='sft'"),
+        (dict(method="kdrl", trrd_alpha=0.5), "trrd_alpha=0.5 contradicts method='kdrl'"),
+        (dict(method="kdrl", beta=0.0), "beta=0.0 contradicts method='kdrl', which needs beta > 0"),
+        (dict(method="kdrl", kd_mask="response"), "kd_mask='response' contradicts method='kdrl'"),
+        (dict(method="kdrl-mask", kd_mask="none"), "kd_mask='none' contradicts method='kdrl-mask'"),
+        (dict(method="kdrl-seq", kd_mode="loss"), "kd_mode='loss' contradicts method='kdrl-seq'"),
+        (dict(method="kdrl-full", kd_kind="k2"), "kd_kind='k2' contradicts method='kdrl-full'"),
+        (dict(method="kd", use_reward=True, beta=1.0), "use_reward=True contradicts method='kd'"),
+    ]
+    for fields, needle in refused:
+        method = fields.pop("method")
+        cfg = kdrl.KDRLConfig.from_method(method, **fields) if fields else kdrl.KDRLConfig(method=method)
+        with pytest.raises(kdrl.KDRLError) as e:
+            kdrl.validate_config(cfg)
+        assert needle in str(e.value), str(e.value)
+    for method, knobs in [("kd", dict(beta=0.5)), ("kdrl", dict(kd_kind="k3")), ("kdrl-mask", dict(kd_mask="group")),
+                          ("kdrl-anneal", dict(beta_decay_steps=200)), ("rlad", dict(trrd_alpha=0.3)), ("kdrl-seq", dict(kd_gamma=0.5))]:
+        kdrl.validate_config(kdrl.KDRLConfig.from_method(method, **knobs))
+    with pytest.raises(kdrl.KDRLError, match="contradicts method='grpo'"):
+        kdrl.train(kdrl.KDRLConfig(method="grpo", out=str(tmp_path / "x")), None, None, None, [{"prompt": "1", "answer": 1}], kdrl.math_reward)
+    assert not (tmp_path / "x").exists()
+    # the CLI: a flag that contradicts the method is refused; one that tunes a preset value says it won
+    _fails(_argv(pair, tmp_path / "y", "--method", "grpo", "--beta", "0.01"), capsys, "beta=0.01 contradicts method='grpo'")
+    cfg = kdrl.config_from_args(["--method", "kd", "--beta", "0.5"])
+    assert cfg.beta == 0.5 and "--beta 0.5 overrides --method kd's beta=1.0" in capsys.readouterr().err
+    assert kdrl.config_from_args(["--method", "rlad", "--trrd-alpha", "none", "--beta-min", "none"]).trrd_alpha is None
+
+
+@settings(max_examples=200, **_SETTINGS)
+@given(st.lists(st.floats(-1, 1), min_size=4, max_size=12), st.integers(0, 1000), st.sampled_from([2, 4]))
+def test_grpo_advantages_exact_under_power_of_two_scaling(rewards, k, G):
+    """With eps = 0 the advantage is scale-free, and scaling by 2^k is exact in floating point: A(r · 2^k) equals
+    A(r) bit for bit for k up to 1000 (rewards to ~1e301), where the plain formula's variance overflows to NaN."""
+    r = torch.tensor(rewards[: len(rewards) // G * G], dtype=F64)
+    A = kdrl.grpo_advantages(r, G, eps=0.0)
+    big = kdrl.grpo_advantages(r * 2.0**k, G, eps=0.0)
+    assert torch.isfinite(big).all()
+    assert torch.equal(big, A)
+    r32 = r.float()
+    assert torch.equal(kdrl.grpo_advantages(r32 * 2.0 ** min(k, 120), G, eps=0.0), kdrl.grpo_advantages(r32, G, eps=0.0))
+
+
+# --- resume -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_step_run(pair, tmp_path_factory):
+    """A 1-step kdrl run with a checkpoint, copied by each resume test."""
+    out = tmp_path_factory.mktemp("resume") / "run"
+    assert kdrl.main(_argv(pair, out, "--method", "kdrl", "--steps", "1")) == 0
+    return out
+
+
+@pytest.mark.parametrize("flags, field", [
+    (("--beta", "0.01"), "beta"),
+    (("--kd-kind", "k3"), "kd_kind"),
+    (("--method", "kdrl-mask"), "method"),
+    (("--group-size", "2"), "group_size"),
+    (("--lr", "2e-3"), "lr"),
+    (("--seed", "7"), "seed"),
+    (("--temperature", "0.5"), "temperature"),
+    (("--mu", "2"), "mu"),
+    (("--train", "OTHER"), "train"),
+])
+def test_resume_refuses_a_config_that_changes_the_math(pair, one_step_run, tmp_path, capsys, flags, field):
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    if flags[1] == "OTHER":
+        other = tmp_path / "other.jsonl"
+        shutil.copy(pair / "train.jsonl", other)
+        flags = (flags[0], str(other))
+    before = (out / "checkpoint" / "model.safetensors").read_bytes()
+    err = _fails(_argv(pair, out, "--method", "kdrl", "--steps", "2", "--resume", *flags), capsys, "--resume", f"{field} (checkpoint ")
+    assert "--" + field.replace("_", "-") in err
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() == before  # untouched
+    assert len(_steps(out)) == 1
+
+
+def test_resume_allows_what_leaves_the_math_alone_and_refuses_fewer_steps(pair, one_step_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    _fails(_argv(pair, out, "--method", "kdrl", "--steps", "0", "--resume"), capsys, "steps")
+    shutil.copytree(one_step_run, tmp_path / "run2")
+    argv = _argv(pair, tmp_path / "run2", "--method", "kdrl", "--steps", "2", "--resume", "--minibatch-size", "2",
+                 "--logprob-chunk", "3", "--save-every", "1", "--eval-limit", "2")
+    assert kdrl.main(argv) == 0 and len(_steps(tmp_path / "run2")) == 2
+
+
+def test_resume_loads_no_pickled_code(pair, one_step_run, tmp_path, capsys):
+    """trainer_state.pt loads with weights_only=True: a pickled object in it is refused, not run."""
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
+    torch.save(dict(state, payload=_Scripted), out / "checkpoint" / "trainer_state.pt")  # a class: needs unpickling code
+    _fails(_argv(pair, out, "--method", "kdrl", "--steps", "2", "--resume"), capsys, "cannot read the checkpoint")
+
+
+def test_resume_with_other_eval_every_is_exact_and_drops_the_final_eval(pair, tmp_path):
+    """Evaluation runs on its own RNG stream, so a run resumed with evaluations every step trains exactly as one
+    without; the shorter run's final-eval line does not stay behind as if it were an intermediate one."""
+    data = ("--eval", str(pair / "train.jsonl"), "--eval-limit", "3", "--seed", "2")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert kdrl.main(_argv(pair, a, "--method", "kdrl", "--steps", "3", *data)) == 0
+    assert kdrl.main(_argv(pair, b, "--method", "kdrl", "--steps", "1", *data)) == 0
+    assert kdrl.main(_argv(pair, b, "--method", "kdrl", "--steps", "3", "--eval-every", "1", "--resume", *data)) == 0
+    assert _steps(a) == _steps(b)
+    evals = [r for r in map(json.loads, (b / "metrics.jsonl").read_text().splitlines()) if r.get("eval")]
+    assert [(r["step"], r.get("final", False)) for r in evals] == [(1, False), (2, True)]
+
+
+def test_interrupted_save_keeps_a_good_checkpoint(pair, one_step_run, tmp_path, monkeypatch):
+    """A save interrupted between its two renames leaves only .checkpoint.old; the next save must not delete it
+    before its own checkpoint is in place (here that save is interrupted too, at its last rename)."""
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    (out / "checkpoint").rename(out / ".checkpoint.old")
+    model = AutoModelForCausalLM.from_pretrained(out / ".checkpoint.old")
+    optimizer = torch.optim.AdamW(model.parameters())
+    rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name == ".checkpoint.tmp":
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        kdrl.save_checkpoint(out, 2, model, char_tokenizer(CHARS), optimizer, kdrl.KDRLConfig())
+    monkeypatch.undo()
+    assert kdrl.load_checkpoint(out / "checkpoint", model, optimizer) == 1  # the good one, step 1, survived
+
+
 # -----------------------------------------------------------------------------
 # Part 3: the TRL integration (kdrl_trl.py). CI installs requirements-trl.txt, so these run on every change.
 
@@ -1480,7 +1790,7 @@ def test_trl_refuses_bad_input_like_kdrl(kdrl_trl, pair, tmp_path, capsys):
     fails(_trl_argv(pair, out, "--train", str(bad)), "bad.jsonl, line 2", "malformed JSON")
     fails(_trl_argv(pair, out, "--student", str(tmp_path / "nomodel")), "--student", "no such directory")
     fails(_trl_argv(pair, out, "--method", "sft"), "SFTTrainer")
-    fails(_trl_argv(pair, out, "--method", "kdrl-full"), "(B, T, V)")
+    fails(_trl_argv(pair, out, "--method", "kdrl-full"), "kdrl-full", "run it with kdrl.py")
     assert not (out / "checkpoint").exists()
     with pytest.raises(kdrl.KDRLError, match="9 responses do not split over 2 processes"):
         kdrl_trl.grpo_config(kdrl.KDRLConfig(prompts_per_step=3, group_size=3), 2)

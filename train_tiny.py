@@ -387,6 +387,135 @@ def save_pair(out: Path) -> None:
     print(f"saved {out}/student, {out}/teacher and {out}/train.jsonl")
 
 
+# A Qwen2.5-shaped vocabulary: 151,643 ordinary tokens, then <|endoftext|>, <|im_start|>, <|im_end|> and 19 more
+# specials (151,665 in all); the student's logits are 151,936 wide, the teacher's 152,064, as in Qwen2.5 0.5B / 7B.
+LARGE_VOCAB, LARGE_WIDTHS = 151_665, dict(student=151_936, teacher=152_064)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def large_vocab_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer padded with filler tokens to Qwen2.5's 151,665 entries, with its special tokens
+    and a ChatML chat template, built in code. EOS is <|im_end|>; generation configs also list <|endoftext|>."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = dict.fromkeys(VOCAB + "abcdefghijklmnopqrstuvwxyz\n")
+    n_plain = LARGE_VOCAB - 22
+    vocab = {t: i for i, t in enumerate(["<unk>", *chars, *(f"<filler{i}>" for i in range(n_plain - len(chars) - 1))])}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|special{i}|>" for i in range(19))]
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    t.decoder = decoders.Fuse()
+    t.add_special_tokens([AddedToken(x, special=True, normalized=False) for x in specials])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_large_vocab_pair(out: Path, hidden_size: int = 32, layers: int = 1, seed: int = 0) -> Path:
+    """A random Qwen2-architecture student and teacher on large_vocab_tokenizer(), logits padded to different
+    widths, generation_config listing both end ids, and a JSONL of additions: the real-vocabulary fixture."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tok = large_vocab_tokenizer()
+    end_ids = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    for i, (name, width) in enumerate(LARGE_WIDTHS.items()):
+        torch.manual_seed(seed + i)
+        config = Qwen2Config(vocab_size=width, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
+                             eos_token_id=end_ids, pad_token_id=tok.pad_token_id, bos_token_id=None)
+        model = Qwen2ForCausalLM(config)
+        model.generation_config = GenerationConfig(eos_token_id=end_ids, pad_token_id=tok.pad_token_id)
+        model.save_pretrained(out / name)
+        tok.save_pretrained(out / name)
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in random_additions(16, seed)))
+    return out
+
+
+def _peak_rss_reset() -> bool:
+    """Reset this process's peak resident memory (Linux: /proc/self/clear_refs), so VmHWM measures what follows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _memory_case(pair: str, method: str, batch: int, length: int, queue) -> None:
+    """One update step of `method` on synthetic full-length rollouts (batch × length response tokens), in a fresh
+    process: puts (peak MiB over the step, MiB before it, teacher s, update s) on queue."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(2)
+    tok = kdrl.load_tokenizer(str(Path(pair) / "student"), "student")
+    student = AutoModelForCausalLM.from_pretrained(Path(pair) / "student", dtype=torch.float32).to(device).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(Path(pair) / "teacher", dtype=torch.float32).to(device).eval()
+    teacher.requires_grad_(False)
+    V, P = len(tok), 16
+    cfg = kdrl.KDRLConfig.from_method(method, group_size=8, prompts_per_step=batch // 8, max_new_tokens=length, minibatch_size=64, lr=1e-6)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V - 22, (batch, P + length), generator=g).to(device)  # ordinary tokens, no end id
+    mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+    ro = kdrl.Rollouts(ids, torch.ones_like(ids), mask, torch.zeros(batch, length, device=device), torch.ones(batch, dtype=torch.bool, device=device))
+    correct = torch.rand(batch, generator=g).lt(0.5).to(device)
+    adv = kdrl.grpo_advantages(correct.double(), 8).float()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
+    timer = kdrl.Timer()
+    for phase in ("warmup", "measured"):  # the first step allocates AdamW's state; measure the second
+        if phase == "measured":
+            before = _rss_mib("VmRSS")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated() / 2**20
+            _peak_rss_reset()
+            timer = kdrl.Timer()
+        with timer("teacher"):
+            scores = kdrl.teacher_pass(cfg, student, teacher, ro, V)
+        with timer("update"):
+            kdrl.policy_update(cfg, student, teacher, optimizer, ro, adv, correct, cfg.beta, scores, V, step=0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mib("VmHWM")
+    queue.put((peak, before, timer["teacher"], timer["update"]))
+
+
+def bench_memory(sizes=((16, 64), (64, 512)), methods=("kdrl", "kdrl-full")) -> list[str]:
+    """Peak memory and time of one teacher pass + update step, kdrl vs kdrl-full, on the real-vocabulary pair
+    (151,665 tokens; logits 151,936 / 152,064 wide), each in a fresh process. Prints one `memory ...` line per case:
+    peak (resident on CPU, allocated on CUDA) over the step, what was resident before it, and what a (B, T, V)
+    float32 logits tensor alone would take."""
+    import multiprocessing
+
+    pair = Path(tempfile.mkdtemp(prefix="kdrl-large-vocab-"))
+    save_large_vocab_pair(pair, hidden_size=64, layers=2)
+    device = "cuda" if torch.cuda.is_available() else "cpu (2 threads)"
+    print(f"bench-memory: Qwen2 pair, hidden 64, 2 layers, vocab {LARGE_VOCAB:,}, logits {LARGE_WIDTHS}, on {device}")
+    ctx, lines = multiprocessing.get_context("spawn"), []
+    for batch, length in sizes:
+        for method in methods:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_memory_case, args=(str(pair), method, batch, length, queue))
+            proc.start()
+            peak, before, t_teacher, t_update = queue.get()
+            proc.join()
+            logits_mib = batch * length * LARGE_VOCAB * 4 / 2**20
+            lines.append(f"memory {method} B={batch} T={length} peak_mib={peak:.0f} before_mib={before:.0f} "
+                         f"teacher_s={t_teacher:.2f} update_s={t_update:.2f} one_BTV_float32_mib={logits_mib:.0f}")
+            print(lines[-1], flush=True)
+    shutil.rmtree(pair, ignore_errors=True)
+    return lines
+
+
 def bench_model(model_dir: str | None = None):
     """(tokenizer, model): the saved causal LM in model_dir, or the anchor model (a random tiny Llama, 6.3M)."""
     from transformers import AutoModelForCausalLM
@@ -423,6 +552,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--bench-model", default=None, help="with --bench: a saved causal LM to use as student and teacher (default: build the anchor model)")
     ap.add_argument("--bench-trl", action="store_true",
                     help="--bench through TRL too: plain GRPOTrainer, kdrl_trl grpo and kdrl (requirements-trl.txt)")
+    ap.add_argument("--bench-memory", action="store_true",
+                    help="peak memory and time of one kdrl vs kdrl-full step on a 151,665-token vocabulary (see bench_memory)")
     ap.add_argument("--save-pair", metavar="DIR", default=None,
                     help="save a tiny random student/teacher pair and train.jsonl to DIR, then exit")
     args = ap.parse_args(argv)
@@ -430,6 +561,8 @@ def main(argv=None) -> dict:
         return save_pair(Path(args.save_pair)) or {}
     if args.bench_trl:
         return dict(bench=bench_trl(args.bench_model))
+    if args.bench_memory:
+        return dict(bench=bench_memory())
     if args.bench:
         return dict(bench=bench(args.bench_model))
     if args.preset is None:
