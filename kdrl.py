@@ -639,6 +639,18 @@ def _next_token(logits: torch.Tensor, temperature: float, vocab_size: int) -> tu
     return token, logp.gather(1, token[:, None]).squeeze(1)
 
 
+def _cache_argument(model) -> str:
+    """The forward() argument that takes the KV cache: "cache" from transformers 5.2x (where "past_key_values" is
+    deprecated, to be removed in 5.40), "past_key_values" before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    """The KV cache a forward() returned, under either name (see _cache_argument)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def _drop_finished(cache, alive: torch.Tensor) -> torch.Tensor:
     """Shrink the KV cache to the rows still alive (alive: (rows,) bool); returns their indices.
     Called once a tenth of the decoding batch has finished, so the copies stay rare."""
@@ -672,6 +684,7 @@ def sample_rollouts(
     ids, attn = (x.repeat_interleave(group_size, 0).to(device) for x in encode_prompts(tokenizer, prompts))
     B, prompt_attn = ids.shape[0], attn
     pos = _positions(attn)
+    cache_arg = _cache_argument(model)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     logps = torch.zeros(B, max_new_tokens, device=device)
@@ -689,11 +702,12 @@ def sample_rollouts(
         if t + 1 == max_new_tokens or n_alive == 0:
             break
         if n_alive <= 0.9 * len(rows):
-            keep = _drop_finished(out.past_key_values, alive[rows])
+            keep = _drop_finished(_returned_cache(out), alive[rows])
             rows, attn, next_pos, token = rows[keep], attn[keep], next_pos[keep], token[keep]
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         next_pos = next_pos + 1
-        out = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos[:, None], past_key_values=out.past_key_values, use_cache=True)
+        step_inputs = dict(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos[:, None], use_cache=True)
+        out = model(**step_inputs, **{cache_arg: _returned_cache(out)})
     if not torch.isfinite(logps).all():
         raise KDRLError("non-finite log-probs while sampling: the model's weights or activations diverged")
     T = t + 1
@@ -828,27 +842,25 @@ def token_logprobs(
             hidden.append(model.base_model(**kw).last_hidden_state[:, P - 1 : -1][m])  # (n, H), predicts each kept token
         targets.append(ids[:, P:][m])  # (n,)
         where.append((idx[:, None] * T + torch.arange(L, device=idx.device))[m])  # (n,) flat index into (B, T)
-    logp = torch.zeros(B * T, dtype=torch.float32, device=input_ids.device)
-    kl = torch.zeros(B * T, dtype=torch.float32, device=input_ids.device)
+    device = input_ids.device
+    logp = torch.zeros(B * T, dtype=torch.float32, device=device)  # (B·T,)
+    kl = torch.zeros(B * T, dtype=torch.float32, device=device)  # (B·T,)
+    states = torch.zeros(B * T, model.config.hidden_size, device=device) if return_hidden else None  # (B·T, H)
     if hidden:
         hidden, targets, where = torch.cat(hidden), torch.cat(targets), torch.cat(where)  # (n, H), (n,), (n,)
         teacher = None
         if kl_teacher is not None:
             teacher_head, teacher_hidden = kl_teacher
             teacher = (teacher_head, teacher_hidden.reshape(B * T, -1)[where])  # (n, H_T)
-        out = head_logprobs(
-            torch.nn.Identity() if full else head, hidden, targets, temperature or 1.0, V, chunk_size,
-            checkpoint=not full, teacher=teacher,
-        )
+        head_fn = torch.nn.Identity() if full else head
+        out = head_logprobs(head_fn, hidden, targets, temperature or 1.0, V, chunk_size, checkpoint=not full, teacher=teacher)
         logp = logp.index_put((where,), out[0] if teacher else out)
         if teacher:
             kl = kl.index_put((where,), out[1])
+        if return_hidden:
+            states = states.to(hidden.dtype).index_put((where,), hidden)
     if return_hidden:
-        h = hidden.shape[-1] if len(hidden) else model.config.hidden_size
-        states = torch.zeros(B * T, h, dtype=hidden.dtype if len(hidden) else torch.float32, device=input_ids.device)
-        if len(hidden):
-            states[where] = hidden
-        return logp.view(B, T), states.view(B, T, h)  # (B, T), (B, T, H)
+        return logp.view(B, T), states.view(B, T, -1)  # (B, T), (B, T, H)
     if kl_teacher is not None:
         return logp.view(B, T), kl.view(B, T)  # (B, T), (B, T)
     return logp.view(B, T)
@@ -1199,6 +1211,9 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
 
     G, V = cfg.group_size, len(tokenizer)
     end_ids = end_token_ids(tokenizer, student, teacher)
+    for model in (student, teacher) if _full_kd(cfg) else ():
+        if reason := _logits_need_full_path(model):
+            raise KDRLError(f"kd_kind='full' rebuilds each model's logits from its hidden states, but {reason}: use k2")
     timer, n_tokens, summary = Timer(), 0, {}
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress, dynamic_ncols=True)
     for step in bar:

@@ -1434,6 +1434,38 @@ def test_no_head_call_sees_more_than_a_chunk_in_a_training_step(pair):
         assert (scores["teacher_hidden"] is not None) == (method == "kdrl-full")
 
 
+class _OldCacheApi(torch.nn.Module):
+    """A causal LM whose forward() names the cache `past_key_values` (transformers before 5.2x); records the name."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.seen = model, []
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
+        self.seen.append(past_key_values is not None)
+        cache = {kdrl._cache_argument(self.inner): past_key_values}
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                         logits_to_keep=logits_to_keep, **cache)
+        return types.SimpleNamespace(logits=out.logits, past_key_values=kdrl._returned_cache(out))
+
+
+def test_sampler_passes_the_cache_under_the_name_the_model_takes():
+    """transformers 5.2x deprecates forward(past_key_values=...) (removed in 5.40) for `cache`: the sampler uses
+    `cache` where the model takes it (no deprecation warning) and `past_key_values` where that is the name, with the
+    same tokens either way."""
+    import warnings
+
+    tok = char_tokenizer(CHARS)
+    model = _tiny("llama", len(tok), 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        new = _rollouts_for(tok, model, ["12+3=", "7="], group_size=2, max_new_tokens=6)
+    old_api = _OldCacheApi(model)
+    old = _rollouts_for(tok, old_api, ["12+3=", "7="], group_size=2, max_new_tokens=6)
+    assert old_api.seen[0] is False and all(old_api.seen[1:]) and len(old_api.seen) > 1  # the cache went in by its old name
+    assert torch.equal(new.input_ids, old.input_ids) and torch.equal(new.response_mask, old.response_mask)
+
+
 def test_every_end_id_ends_a_response():
     """A model that emits the second end id (listed by its generation_config, not the tokenizer's EOS) stops there,
     with that token kept in the mask and truncated False; without it listed, the response runs on to the cap."""
