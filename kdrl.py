@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # Config: every hyperparameter has one source of truth, saved with every run and checkpoint.

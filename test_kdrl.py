@@ -1421,9 +1421,14 @@ def test_no_head_call_sees_more_than_a_chunk_in_a_training_step(pair):
     adv = kdrl.grpo_advantages(correct.double(), 4).float()
     for method in ("kdrl-full", "kdrl"):
         rows, full_forwards = [], []
-        hooks = [m.get_output_embeddings().register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
-                 for m in (student, teacher)]
-        hooks += [m.register_forward_hook(lambda mod, args, out: full_forwards.append(1)) for m in (student, teacher)]
+        def count_rows(module, args, out, rows=rows):
+            rows.append(args[0].shape[0])
+
+        def count_full_forward(module, args, out, full_forwards=full_forwards):
+            full_forwards.append(1)
+
+        hooks = [m.get_output_embeddings().register_forward_hook(count_rows) for m in (student, teacher)]
+        hooks += [m.register_forward_hook(count_full_forward) for m in (student, teacher)]
         cfg = kdrl.KDRLConfig.from_method(method, group_size=4, mu=2, minibatch_size=8, logprob_chunk=5)
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
         scores = kdrl.teacher_pass(cfg, student, teacher, ro, len(tok))
