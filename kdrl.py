@@ -139,6 +139,9 @@ class KDRLConfig:
     # --- SFT baseline ---
     sft: bool = False
     """train by NLL on the teacher's correct samples instead of RL (the papers' SFT baseline)"""
+    sft_keep: str = "correct"
+    """SFT: "correct" keeps the teacher samples that are correct and ended (not truncated); "all" keeps every one
+    that ended (unfiltered SFT: it learns the teacher's mistakes too)"""
     # --- optimisation ---
     lr: float = 1e-6
     """AdamW learning rate"""
@@ -174,6 +177,7 @@ METHODS: dict[str, dict] = {
     "kdrl-full": dict(kd_kind="full"),
     "rlad": dict(trrd_alpha=0.5, beta=0.0),
     "sft": dict(sft=True, beta=0.0),
+    "sft-all": dict(sft=True, beta=0.0, sft_keep="all"),
 }
 
 # The fields that make each method what it is, beyond sft, use_reward and TRRD on/off, which every method
@@ -188,7 +192,8 @@ _DEFINING: dict[str, tuple[str, ...]] = {
     "kdrl-seq": ("kd_mode",),
     "kdrl-full": ("kd_mode", "kd_kind"),
     "rlad": ("beta", "beta_min"),
-    "sft": (),
+    "sft": ("sft_keep",),
+    "sft-all": ("sft_keep",),
 }
 
 
@@ -201,6 +206,7 @@ _CHOICES = dict(
     kd_mode=("loss", "reward"),
     kd_kind=("k1", "k2", "k3", "full"),
     kd_mask=("none", "response", "group"),
+    sft_keep=("correct", "all"),
     device=("auto", "cpu", "cuda"),
     dtype=("auto", "float32", "bfloat16"),
 )
@@ -564,7 +570,7 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, num_tok
     logp, mask: (B, T); keep: (B,) bool; num_tokens: kept tokens in the whole batch."""
     m = mask.bool() & keep.bool()[:, None]
     loss = -torch.where(m, logp, 0.0).sum() / max(num_tokens, 1)
-    return loss, dict(sft_loss=loss.item(), sft_kept=keep.float().mean().item())
+    return loss, dict(sft_loss=loss.item())
 
 
 # -----------------------------------------------------------------------------
@@ -1145,7 +1151,8 @@ def teacher_pass(cfg: KDRLConfig, student, teacher, ro: Rollouts, vocab_size: in
 def policy_update(cfg: KDRLConfig, student, teacher, optimizer, ro: Rollouts, advantages: torch.Tensor,
                   correct: torch.Tensor, beta: float, scores: dict, vocab_size: int, step: int) -> tuple[float, list]:
     """Step 5: μ epochs over the batch, each one optimizer step, gradients accumulated over minibatches of whole
-    groups with the full batch's normaliser. Returns the last epoch's grad norm and its (tokens, metrics) parts."""
+    groups with the full batch's normaliser. Returns the last epoch's grad norm and its (tokens, metrics) parts.
+    For SFT, `correct` is the mask of teacher samples to train on."""
     B, mask = ro.input_ids.shape[0], ro.response_mask
     mb = max(cfg.group_size, cfg.minibatch_size // cfg.group_size * cfg.group_size)  # whole groups ("group" KD mask)
     num_tokens = (mask & correct[:, None]).sum().item() if cfg.sft else mask.sum().item()
@@ -1153,7 +1160,7 @@ def policy_update(cfg: KDRLConfig, student, teacher, optimizer, ro: Rollouts, ad
         optimizer.zero_grad(set_to_none=True)
         parts = []
         for sl in (slice(i, i + mb) for i in range(0, B, mb)):
-            if cfg.sft:  # the SFT baseline: NLL on the teacher's correct samples
+            if cfg.sft:  # the SFT baseline: NLL on the kept teacher samples (`correct` holds the keep mask)
                 loss, m = sft_loss(_logprobs(cfg, student, ro[sl], vocab_size), mask[sl], correct[sl], num_tokens)
             else:
                 exact_kl = None
@@ -1229,8 +1236,11 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
             with timer("teacher"), amp():  # 4. teacher (and old-policy) scores, no grad
                 scores = teacher_pass(cfg, student, teacher, ro, V)
             student.train(any(getattr(m, "gradient_checkpointing", False) is True for m in student.modules()))  # HF checkpoints only in train mode
+            if cfg.sft:  # the teacher samples SFT trains on: ended, and correct unless sft_keep="all"
+                keep = (correct if cfg.sft_keep == "correct" else torch.ones_like(correct)) & ~ro.truncated
             with timer("update"), amp():  # 5. μ epochs; each one optimizer step, gradients accumulated over minibatches
-                grad_norm, parts = policy_update(cfg, student, teacher, optimizer, ro, adv, correct, beta, scores, V, step)
+                grad_norm, parts = policy_update(cfg, student, teacher, optimizer, ro, adv, keep if cfg.sft else correct,
+                                                 beta, scores, V, step)
             student.eval()
         except KDRLError as e:
             where = "" if "at step" in str(e) else f", at step {step}"
@@ -1243,6 +1253,8 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
         row = {k: sum(m[k] if k.endswith("_loss") else n * m[k] / total for n, m in parts) for k in parts[0][1]}
         if not _needs_teacher(cfg):
             row.pop("kl_k1", None), row.pop("kl_k3", None), row.pop("kd_loss", None)  # no teacher was scored
+        if cfg.sft:
+            row["sft_kept"] = keep.float().mean().item()  # the fraction of the batch's teacher samples trained on
         lengths = mask.sum(1).float()
         row.update(
             step=step, beta=beta, grad_norm=grad_norm, reward=rewards.mean().item(), acc=correct.float().mean().item(),

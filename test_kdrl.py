@@ -950,7 +950,7 @@ def test_metrics_are_floats_and_consistent():
 
 def test_sft_loss_is_token_mean_nll_of_kept():
     """sft_loss = −Σ logp over tokens of kept responses / kept token count (garbage on padding ignored);
-    gradient −1/n on kept tokens, 0 elsewhere; sft_kept is the kept fraction."""
+    gradient −1/n on kept tokens, 0 elsewhere."""
     logp, _, _, _, mask, _ = _batch()
     keep = torch.tensor([True, False, True, True])
     garbage = torch.where(mask, logp, torch.tensor(float("nan"), dtype=F64))
@@ -961,7 +961,7 @@ def test_sft_loss_is_token_mean_nll_of_kept():
     (grad,) = torch.autograd.grad(loss, logp)
     expected = torch.where(mask & keep[:, None], torch.tensor(-1.0 / n, dtype=F64), torch.tensor(0.0, dtype=F64))
     torch.testing.assert_close(grad, expected, rtol=1e-15, atol=0)
-    assert metrics == {"sft_loss": loss.item(), "sft_kept": 0.75}
+    assert metrics == {"sft_loss": loss.item()}
 
 # =============================================================================
 # Part 2: sampling, log-probs, rewards, the training loop, checkpoints, the CLI.
@@ -1012,10 +1012,12 @@ def test_every_preset_trains(pair, tmp_path, method):
     assert kdrl.main(_argv(pair, out, "--method", method, "--mu", "2", "--eval", str(pair / "train.jsonl"), "--eval-limit", "4")) == 0
     rows = _steps(out)
     assert [r["step"] for r in rows] == [0, 1]
-    keys = {"grad_norm", "beta", "reward", "acc", "length", "truncated"} | ({"sft_loss"} if method == "sft" else {"pg_loss", "entropy", "clip_frac", "ratio", "kd_frac"})
+    sft = method.startswith("sft")
+    keys = {"grad_norm", "beta", "reward", "acc", "length", "truncated"} | ({"sft_loss", "sft_kept"} if sft else {"pg_loss", "entropy", "clip_frac", "ratio", "kd_frac"})
     teacher_keys = {"kd_loss", "kl_k1", "kl_k3"}  # logged only when the teacher was scored
     assert keys <= set(rows[0])
-    assert (teacher_keys <= set(rows[0])) == (method not in ("grpo", "sft")) and (teacher_keys & set(rows[0]) == set()) == (method in ("grpo", "sft"))
+    no_teacher = method == "grpo" or sft
+    assert (teacher_keys <= set(rows[0])) == (not no_teacher) and (teacher_keys & set(rows[0]) == set()) == no_teacher
     assert json.loads((out / "config.json").read_text())["method"] == method
     assert (out / "checkpoint" / "trainer_state.pt").exists()
     assert AutoModelForCausalLM.from_pretrained(out / "checkpoint") is not None
@@ -1454,6 +1456,24 @@ class _OldCacheApi(torch.nn.Module):
         return types.SimpleNamespace(logits=out.logits, past_key_values=kdrl._returned_cache(out))
 
 
+@pytest.mark.parametrize("method, reward, kept", [("sft", 1.0, 0.5), ("sft", 0.0, 0.0), ("sft-all", 0.0, 0.5)])
+def test_sft_trains_only_on_ended_teacher_samples(tmp_path, method, reward, kept):
+    """SFT keeps the teacher samples that ended (an end token within max_new_tokens) and, unless sft-all, were
+    correct: a truncated sample that the reward calls correct is not trained on. sft_kept is that fraction."""
+    tok = char_tokenizer(CHARS)
+    teacher = _Scripted(tok, stop=3, width=len(tok) + 1)  # '5' until position 3, then EOS
+    cfg = kdrl.KDRLConfig.from_method(method, out=str(tmp_path / method), steps=1, group_size=2, prompts_per_step=2,
+                                      max_new_tokens=3, temperature=1.0, progress=False)
+    data = [{"prompt": "1", "answer": 0}, {"prompt": "12", "answer": 0}]  # "1": 3 × '5', truncated; "12": ended
+
+    def constant_reward(prompt, completion, example):
+        return reward
+
+    kdrl.train(cfg, _tiny("llama", len(tok), 0), teacher, tok, data, constant_reward)
+    (row,) = _steps(tmp_path / method)
+    assert row["sft_kept"] == kept and row["truncated"] == 0.5
+
+
 def test_sampler_passes_the_cache_under_the_name_the_model_takes():
     """transformers 5.2x deprecates forward(past_key_values=...) (removed in 5.40) for `cache`: the sampler uses
     `cache` where the model takes it (no deprecation warning) and `past_key_values` where that is the name, with the
@@ -1698,7 +1718,7 @@ def test_interrupted_save_keeps_a_good_checkpoint(pair, one_step_run, tmp_path, 
 # -----------------------------------------------------------------------------
 # Part 3: the TRL integration (kdrl_trl.py). CI installs requirements-trl.txt, so these run on every change.
 
-TRL_METHODS = [m for m in kdrl.METHODS if m not in ("sft", "kdrl-full")]
+TRL_METHODS = [m for m in kdrl.METHODS if m not in ("sft", "sft-all", "kdrl-full")]
 
 
 @pytest.fixture(scope="module")
