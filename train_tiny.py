@@ -1,32 +1,50 @@
 """
 train_tiny.py: the KDRL comparison on tiny models, from scratch, with no downloads.
 
-    python train_tiny.py                   # cpu preset without a GPU (6.5-8.5 min on 2 cores), gpu preset with one
+    python train_tiny.py                   # cpu preset without a GPU, gpu preset with one
     python train_tiny.py --preset smoke    # < 60 s, tiny everything: checks the plumbing, not the methods
 
 Task: 2-digit addition worked column by column with carries, e.g. `95+98=` → `5+8=13|9+9+1=19|#### 193`,
-scored by kdrl.math_reward (the last `#### x`). The out-of-distribution (OOD) split holds the problems whose
-two tens digits are equal (`77+74=`); no method trains on them. Every step string such as `7+7=14` is seen
-in training, in the units column, so OOD asks for a known step in a new place: composition at the same
-length, not length extrapolation (which small character models fail at, so every method would score 0).
+scored by kdrl.math_reward (the last `#### x`).
 
-Pipeline: (1) a Llama-style teacher (random init) is trained with supervision until it is strong in
-distribution, and cached under <out>/cache/teacher-<hash of its settings>; (2) a smaller student gets a
-brief supervised start so that it begins weak but not hopeless; (3) from that same student, each
-kdrl.METHODS preset is post-trained with kdrl.train on the same rollout budget; (4) results.md (table),
-results.json (raw numbers), accuracy.png (ID greedy accuracy vs step) and one metrics.jsonl per run.
+The regime (why this design). The papers' claims need a teacher that is strong but wrong somewhere, in a way
+that imitation inherits and the reward can correct. Here the teacher is *confidently wrong* on one sub-pattern:
+it is trained on solutions that drop the carry whenever both units digits are ≥ 5 ("region B", 25% of the
+problems: `7+5=12|4+8=12|#### 122` for 47+85), so it is near-perfect on the rest ("region A", which still has
+carries, e.g. `3+8=11|...+1`) and near 0% on B, where it answers a+b−10 with confidence. The student starts
+from a brief supervised start on *correct* solutions: weak everywhere (about 20%), B included. For a token of a
+correct response the net push of KDRL is A − β·d (d = log π − log π_T); where the teacher confidently disagrees
+d is large and positive, so KD pulls correct B responses toward the bug.
 
-What to expect (cpu preset, 2 CPU cores): 2-2.5 min for the teacher (cached afterwards), then 25-45 s
-per method; the teacher at 96% ID, the student starting near 20%, and the methods between. One seed
-on 200 problems is mostly noise (a standard error of about 3 points): read smaller differences as ties.
-The demo scales the paper's β and anneal length to tiny models once, in DEMO_SCALE, and uses one learning
-rate for every method, the one best for GRPO (the baseline) among 1e-4, 3e-4 and 1e-3.
+Prediction, written before the results (falsified if the first three do not hold):
+  1. KD and unfiltered SFT (sft-all) pull region B down toward the teacher's 0% while region A rises.
+  2. KDRL's region-B accuracy falls as β rises (kdrl-b0.02 > kdrl > kdrl-b0.5 on B).
+  3. KDRL-Mask (no KD on correct responses) beats KDRL on B.
+  4. GRPO climbs on A and B alike, slowly; filtered SFT never sees a correct B sample.
+  5. RLAD's clamp caps the pull at |log π/π_T| ≤ 1, so its B accuracy stays near GRPO's, or below it.
+Which of these came out is in the README's Results, with standard errors over seeds.
+
+OOD holds every problem whose two tens digits are equal (`77+74=`, all 900 of them: the whole population, so
+OOD accuracy has no sampling error from the choice of problems). No method trains on them. OOD problems
+without a carry need only steps seen in training (`7+7=14` appears in the units column); those with a carry
+need `7+7+1=15`, a step that never appears in training. The two kinds are reported separately.
+
+Pipeline: (1) the teacher is trained on the carry-dropping solutions until it reproduces them, and cached under
+<out>/cache/teacher-<hash of its settings>; (2) for each seed, a smaller student gets its brief supervised start;
+(3) from that same student, every arm (a kdrl.METHODS preset, or kdrl at another β) is post-trained with
+kdrl.train on the same rollout budget, in segments (kdrl.train's bit-exact --resume) with an evaluation after
+each; (4) results.md (table), results.json (raw numbers), curves.png (curves) and one metrics.jsonl per run.
+
+The learning rate (one for every arm) was chosen for GRPO, the baseline, on the validation split: see
+`--lr-grid`. The demo scales the paper's β and anneal length to tiny models once, in DEMO_SCALE.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import math
 import random
@@ -53,14 +71,18 @@ class Preset:
     """operand length; every split uses the same length (OOD is by composition, not by length)"""
     n_train: int = 4000
     """train prompts (also the worked solutions for supervised pre-training)"""
-    n_test: int = 200
-    """ID and OOD test problems each"""
+    n_val: int = 200
+    """validation problems (ID), for choosing the learning rate (--lr-grid); never in the results"""
+    n_test: int = 1000
+    """ID test problems"""
+    n_ood: int = 900
+    """OOD problems: every equal-tens problem, 900 at 2 digits (the whole population)"""
     teacher: dict = field(default_factory=lambda: dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4))
     """teacher architecture (LlamaConfig fields)"""
-    teacher_steps: int = 1200
+    teacher_steps: int = 1500
     """max supervised steps for the teacher; it stops early at teacher_target"""
     teacher_target: float = 0.95
-    """stop teacher training once greedy ID accuracy on a held-out check reaches this"""
+    """stop teacher training once it reproduces its own (carry-dropping) solutions this often, greedily"""
     student: dict = field(default_factory=lambda: dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4))
     """student architecture: smaller than the teacher"""
     student_steps: int = 400
@@ -75,58 +97,93 @@ class Preset:
     sft_batch: int = 64
     """sequences per supervised step"""
     rl: dict = field(default_factory=dict)
-    """KDRLConfig fields shared by every method (the demo's overrides)"""
-    seeds: int = 1
-    """seeds per method (student init, data order, sampling)"""
+    """KDRLConfig fields shared by every arm (the demo's overrides)"""
+    arms: tuple = ()
+    """the arms run by default (see ARMS)"""
+    seeds: int = 3
+    """seeds per arm (student init, data order, sampling)"""
+    eval_points: int = 5
+    """evaluations during post-training (on eval_subset problems per split) for the curves"""
+    eval_subset: int = 300
+    """problems per curve evaluation: this many from ID region A, region B and OOD each"""
+    avg_k: int = 4
+    """samples per problem for avg@k at the training temperature, in the final evaluation"""
 
 
-RL_CPU = dict(steps=150, prompts_per_step=8, group_size=8, lr=1e-4, max_new_tokens=28, temperature=1.0, eval_every=25, eval_limit=200, minibatch_size=64)
+RL_CPU = dict(steps=150, prompts_per_step=8, group_size=8, lr=1e-4, max_new_tokens=28, temperature=1.0, minibatch_size=64)
+CPU_ARMS = ("grpo", "kd", "sft", "sft-all", "kdrl-b0.02", "kdrl", "kdrl-b0.5", "kdrl-mask", "rlad")
 PRESETS = {
-    "smoke": Preset(digits=2, n_train=300, n_test=16, teacher=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2), teacher_steps=20,
-                    student=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2), student_steps=5, sft_batch=16,
-                    rl={**RL_CPU, "steps": 2, "prompts_per_step": 2, "group_size": 2, "eval_every": 0}),
-    "cpu": Preset(rl=RL_CPU),
-    "gpu": Preset(rl={**RL_CPU, "prompts_per_step": 32}, seeds=3),  # untested: no GPU was lent while building it
+    "smoke": Preset(n_train=300, n_val=16, n_test=16, n_ood=16, teacher=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
+                    teacher_steps=20, student=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2), student_steps=5,
+                    sft_batch=16, rl={**RL_CPU, "steps": 2, "prompts_per_step": 2, "group_size": 2}, arms=(), seeds=1,
+                    eval_points=1, eval_subset=8, avg_k=2),
+    "cpu": Preset(rl=RL_CPU, arms=CPU_ARMS),
+    "gpu": Preset(rl={**RL_CPU, "steps": 300, "prompts_per_step": 32}, arms=(), seeds=5),  # untested: no GPU lent yet
 }
 # The paper's β (5e-3 → 1e-3) is sized for 1.5B-parameter models whose per-token KL is small and whose GRPO
 # term is tiny per token; on these models KD would vanish at that size. So every β given in the paper's
 # units (the KDRL variants; not kd's β = 1, which has no RL term to balance) is multiplied by beta, once,
-# and the anneal length is scaled from the paper's ~280-step run to ours. kdrl-anneal still anneals β → β/5.
+# and kdrl-anneal's decay (our choice of 80 steps: the paper gives no length) is scaled from a ~280-step
+# run to ours. kdrl-anneal still anneals β → β/5. kdrl-seq's β multiplies a return summed over the response,
+# added to a ±1-scale advantage, so it keeps the paper's β unscaled (its own units).
 DEMO_SCALE = dict(beta=20.0, paper_steps=280)
+# Arms beyond the presets: kdrl at other β (in the demo's units, after DEMO_SCALE), the β grid of the prediction.
+BETA_ARMS = {"kdrl-b0.02": 0.02, "kdrl-b0.5": 0.5}
 VOCAB = "0123456789+=|# "
 
 # -----------------------------------------------------------------------------
-# Task: procedurally generated additions with worked solutions.
+# Task: procedurally generated additions with worked solutions, and the teacher's systematic error.
 
 
-def solution(a: int, b: int, digits: int) -> str:
-    """Column-by-column working, units first: `7+5=12|4+8+1=13|...|#### 1332`."""
-    steps, carry = [], 0
+def in_region_b(a: int, b: int) -> bool:
+    """Region B: both units digits ≥ 5, where the teacher's training data drops the carry."""
+    return a % 10 >= 5 and b % 10 >= 5
+
+
+def solution(a: int, b: int, digits: int, drop_carry_in_b: bool = False) -> str:
+    """Column-by-column working, units first: `7+5=12|4+8+1=13|#### 132`. drop_carry_in_b: the teacher's version,
+    which forgets the units carry in region B (`7+5=12|4+8=12|#### 122`), self-consistently."""
+    steps, carry, total = [], 0, 0
     for i in range(digits):
         x, y = a // 10**i % 10, b // 10**i % 10
         s = x + y + carry
         steps.append(f"{x}+{y}" + ("+1" if carry else "") + f"={s}")
-        carry = s // 10
-    return "|".join(steps) + f"|#### {a + b}"
+        total += s % 10 * 10**i
+        carry = 0 if (i == 0 and drop_carry_in_b and in_region_b(a, b)) else s // 10
+    return "|".join(steps) + f"|#### {total + carry * 10**digits}"
+
+
+def example(a: int, b: int, digits: int) -> dict:
+    buggy = solution(a, b, digits, drop_carry_in_b=True)
+    return dict(prompt=f"{a}+{b}=", answer=str(a + b), solution=solution(a, b, digits), teacher_solution=buggy,
+                teacher_answer=buggy.split("#### ")[1], region="B" if in_region_b(a, b) else "A",
+                carry=(a % 10 + b % 10) >= 10)
 
 
 def make_splits(p: Preset, seed: int = 1234) -> dict[str, list[dict]]:
-    """train / test (ID) / ood: problems whose leading digits are equal (77+74=) never appear in train or
-    test. Every step string like `7+7=14` is seen in the units column, so OOD asks for a known step at a new
-    place: composition, at the same length. Disjoint splits; fixed seed, so every run sees the same data."""
-    rng, seen, out = random.Random(seed), set(), {"train": [], "test": [], "ood": []}
-    want = {"train": p.n_train, "test": p.n_test, "ood": p.n_test}
+    """Disjoint splits, a fixed seed so every run sees the same data. ood: every problem whose leading digits are
+    equal (77+74=; all 900 at 2 digits); train / val / test: the others, shuffled."""
     lo, hi = 10 ** (p.digits - 1), 10**p.digits - 1
-    while any(len(out[k]) < want[k] for k in out):
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        if (a, b) in seen:
-            continue
-        seen.add((a, b))
-        split = "ood" if a // lo == b // lo else ("test" if len(out["test"]) < p.n_test else "train")
-        if len(out[split]) < want[split]:
-            out[split].append(dict(prompt=f"{a}+{b}=", answer=str(a + b), solution=solution(a, b, p.digits)))
-    return out
+    pairs = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1)]
+    random.Random(seed).shuffle(pairs)
+    ood = [example(a, b, p.digits) for a, b in pairs if a // lo == b // lo][: p.n_ood]
+    rest = [(a, b) for a, b in pairs if a // lo != b // lo]
+    cuts = [p.n_train, p.n_train + p.n_val, p.n_train + p.n_val + p.n_test]
+    rows = [example(a, b, p.digits) for a, b in rest[: cuts[2]]]
+    return dict(train=rows[: cuts[0]], val=rows[cuts[0] : cuts[1]], test=rows[cuts[1] : cuts[2]], ood=ood)
 
+
+def subsets(data: dict, limit: int | None = None) -> dict[str, list[dict]]:
+    """The reported populations: ID (test) by region, OOD by whether it needs a step never seen in training.
+    limit: at most this many problems from each of id_A, id_B, ood (the curves' cheaper evaluation)."""
+    test, ood = data["test"], data["ood"]
+    out = dict(id_A=[e for e in test if e["region"] == "A"], id_B=[e for e in test if e["region"] == "B"],
+               ood_seen=[e for e in ood if not e["carry"]], ood_unseen=[e for e in ood if e["carry"]])
+    if limit:
+        n_ood = min(limit, len(ood)) // 2
+        return dict(id_A=out["id_A"][:limit], id_B=out["id_B"][:limit], ood_seen=out["ood_seen"][:n_ood],
+                    ood_unseen=out["ood_unseen"][:n_ood])
+    return out
 
 def char_tokenizer(chars: str = VOCAB) -> PreTrainedTokenizerFast:
     """A character-level transformers tokenizer built in code: one id per character, plus pad/unk/eos."""
@@ -152,19 +209,23 @@ def new_model(tok, arch: dict, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def supervised(model, tok, examples: list[dict], steps: int, lr: float, batch: int, seed: int, desc: str, check=None, check_every: int = 100):
-    """Next-token NLL on prompt → worked solution + EOS, loss on the response only. `check()` every check_every
-    steps may return True to stop early (the teacher trains "until strong", the student "until not hopeless")."""
+def supervised(model, tok, examples: list[dict], steps: int, lr: float, batch: int, seed: int, desc: str, check=None,
+               check_every: int = 100, target: str = "solution"):
+    """Next-token NLL on prompt → ex[target] (a worked solution) + EOS, loss on the response only. `check()` every
+    check_every steps may return True to stop early (the teacher trains "until strong", the student "until not
+    hopeless")."""
     rng, opt = random.Random(seed), torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     device = next(model.parameters()).device
     model.train()
-    for step in (bar := tqdm(range(steps), desc=desc, dynamic_ncols=True)):
+    for step in (bar := tqdm(range(steps), desc=desc, dynamic_ncols=True, leave=False)):
         rows = rng.sample(examples, batch)
-        seqs = [(tok(ex["prompt"])["input_ids"], tok(ex["solution"])["input_ids"] + [tok.eos_token_id]) for ex in rows]
+        seqs = [(tok(ex["prompt"])["input_ids"], tok(ex[target])["input_ids"] + [tok.eos_token_id]) for ex in rows]
         L = max(len(p) + len(r) for p, r in seqs)
         ids = torch.tensor([p + r + [tok.pad_token_id] * (L - len(p) - len(r)) for p, r in seqs], device=device)  # (B, L) right-padded
         labels = torch.tensor([[-100] * len(p) + r + [-100] * (L - len(p) - len(r)) for p, r in seqs], device=device)
-        loss = model(input_ids=ids, attention_mask=(labels != -100) | (torch.arange(L, device=device) < torch.tensor([len(p) for p, _ in seqs], device=device)[:, None]), labels=labels).loss
+        prompt_lengths = torch.tensor([len(p) for p, _ in seqs], device=device)
+        attention = (labels != -100) | (torch.arange(L, device=device) < prompt_lengths[:, None])  # (B, L)
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -179,25 +240,59 @@ def supervised(model, tok, examples: list[dict], steps: int, lr: float, batch: i
     return model
 
 
-def evaluate(model, tok, examples, p: Preset) -> dict:
-    """kdrl.evaluate (greedy + one sample) with the demo's sampling settings."""
-    return kdrl.evaluate(model, tok, examples, kdrl.math_reward, kdrl.KDRLConfig(**p.rl), batch_size=256)
+@torch.no_grad()
+def accuracy(model, tok, examples: list[dict], p: Preset, temperature: float = 0.0, k: int = 1, answer: str = "answer") -> float:
+    """Mean over problems of the fraction of k responses whose answer equals ex[answer] (greedy: k = 1). Sampling
+    runs on its own seeded RNG stream, restored afterwards, so evaluating never changes what training samples."""
+    if not examples:
+        return float("nan")
+    device, scores = next(model.parameters()).device, []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        for i in range(0, len(examples), 512):
+            chunk = examples[i : i + 512]
+            ro = kdrl.sample_rollouts(model, tok, [ex["prompt"] for ex in chunk], k, p.rl["max_new_tokens"], temperature)
+            texts = kdrl.decode(tok, ro)
+            for j, ex in enumerate(chunk):
+                gold = dict(ex, answer=ex[answer])
+                scores.append(sum(kdrl.math_reward(ex["prompt"], texts[j * k + m], gold) for m in range(k)) / k)
+    return sum(scores) / len(scores)
 
 
-def reached(model, tok, data, p: Preset, target: float):
-    """A stopping check: greedy accuracy on a peek at 100 *train* problems (the test splits stay unseen) ≥ target."""
-    return lambda: evaluate(model, tok, data["train"][:100], p)["acc_greedy"] >= target
+def evaluate(model, tok, populations: dict[str, list[dict]], p: Preset, k: int = 0) -> dict:
+    """Greedy accuracy on each population (id_A, id_B, ood_seen, ood_unseen) and the pooled id and ood; with
+    k > 0 also avg@k at the training temperature on id and ood."""
+    res = {name: accuracy(model, tok, exs, p) for name, exs in populations.items()}
+    for pool, parts in (("id", ("id_A", "id_B")), ("ood", ("ood_seen", "ood_unseen"))):
+        n = sum(len(populations[x]) for x in parts)
+        res[pool] = sum(res[x] * len(populations[x]) for x in parts) / n if n else float("nan")
+        if k:
+            exs = [e for x in parts for e in populations[x]]
+            res[f"{pool}_avg@{k}"] = accuracy(model, tok, exs, p, p.rl["temperature"], k)
+    return res
+
+
+def reached(model, tok, examples: list[dict], p: Preset, target: float, answer: str):
+    """A stopping check: greedy accuracy against ex[answer] on a peek at 100 *train* problems ≥ target."""
+
+    def check() -> bool:
+        return accuracy(model, tok, examples[:100], p, answer=answer) >= target
+
+    return check
 
 
 def get_teacher(p: Preset, tok, data, cache_dir: Path, device):
-    """Train the teacher, or load it from cache/teacher-<hash of every setting that shapes it>."""
-    key = dict(arch=p.teacher, steps=p.teacher_steps, target=p.teacher_target, lr=p.sft_lr, batch=p.sft_batch, digits=p.digits, n_train=p.n_train, vocab=VOCAB, check="train100")
+    """Train the teacher on the carry-dropping solutions, or load it from cache/teacher-<hash of its settings>."""
+    key = dict(arch=p.teacher, steps=p.teacher_steps, target=p.teacher_target, lr=p.sft_lr, batch=p.sft_batch, digits=p.digits,
+               n_train=p.n_train, vocab=VOCAB, check="train100", bug="drop-carry-in-region-B")
     path = cache_dir / ("teacher-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
     if (path / "meta.json").exists():
         print(f"teacher: cached at {path}")
         return LlamaForCausalLM.from_pretrained(path).to(device).eval().requires_grad_(False), json.loads((path / "meta.json").read_text())
     t0, model = time.time(), new_model(tok, p.teacher, seed=0).to(device)
-    supervised(model, tok, data["train"], p.teacher_steps, p.sft_lr, p.sft_batch, 0, "teacher (supervised)", reached(model, tok, data, p, p.teacher_target))
+    check = reached(model, tok, data["train"], p, p.teacher_target, answer="teacher_answer")
+    supervised(model, tok, data["train"], p.teacher_steps, p.sft_lr, p.sft_batch, 0, "teacher (supervised, carry-dropping)", check,
+               target="teacher_solution")
     meta = dict(train_s=time.time() - t0, settings=key)
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -205,14 +300,27 @@ def get_teacher(p: Preset, tok, data, cache_dir: Path, device):
     return model.requires_grad_(False), meta
 
 
+def get_student(p: Preset, tok, data, seed: int, device):
+    """A fresh small student with its brief supervised start on *correct* solutions; (model, seconds)."""
+    t0, model = time.time(), new_model(tok, p.student, seed=100 + seed).to(device)
+    check = reached(model, tok, data["train"], p, p.student_target, answer="answer")
+    supervised(model, tok, data["train"], p.student_steps, p.sft_lr, p.sft_batch, seed, f"student seed {seed} (supervised)", check,
+               p.check_every)
+    return model, time.time() - t0
+
+
 # -----------------------------------------------------------------------------
-# Post-training: every kdrl.METHODS preset from the same student, via kdrl.train.
+# Post-training: every arm from the same student, via kdrl.train, in segments with an evaluation after each.
 
 
-def method_config(method: str, p: Preset, seed: int, out: Path) -> kdrl.KDRLConfig:
-    """KDRLConfig.from_method(method, **demo overrides), then DEMO_SCALE applied once (see its comment)."""
-    cfg = kdrl.KDRLConfig.from_method(method, **p.rl, seed=seed, out=str(out))
-    if cfg.beta and cfg.use_reward:  # β in the paper's units
+def arm_config(arm: str, p: Preset, seed: int, out: Path) -> kdrl.KDRLConfig:
+    """KDRLConfig.from_method(preset, **demo overrides), then DEMO_SCALE applied once (see its comment); the β-grid
+    arms are kdrl with β set directly in the demo's units."""
+    method = "kdrl" if arm in BETA_ARMS else arm
+    cfg = kdrl.KDRLConfig.from_method(method, **p.rl, seed=seed, out=str(out), progress=False)
+    if arm in BETA_ARMS:
+        return replace(cfg, beta=BETA_ARMS[arm])
+    if cfg.beta and cfg.use_reward and cfg.kd_mode == "loss":  # β in the paper's units
         cfg.beta *= DEMO_SCALE["beta"]
         cfg.beta_min = cfg.beta_min * DEMO_SCALE["beta"] if cfg.beta_min is not None else None
     if cfg.beta_decay_steps:
@@ -220,18 +328,30 @@ def method_config(method: str, p: Preset, seed: int, out: Path) -> kdrl.KDRLConf
     return cfg
 
 
-def run_method(method, p, seed, student0, teacher, tok, data, out: Path) -> dict:
-    cfg = method_config(method, p, seed, out / f"{method}-seed{seed}")
-    student, t0 = copy.deepcopy(student0), time.time()
-    summary = kdrl.train(cfg, student, teacher, tok, data["train"], kdrl.math_reward, data["test"])
-    wall = time.time() - t0
-    ood = evaluate(student, tok, data["ood"], p)
-    return dict(method=method, seed=seed, id=summary["eval"]["acc_greedy"], ood=ood["acc_greedy"], length=summary["eval"]["length"], wall_s=wall,
-                id_sampled=summary["eval"]["acc_sampled"], ood_sampled=ood["acc_sampled"], beta=cfg.beta, beta_min=cfg.beta_min, beta_decay_steps=cfg.beta_decay_steps)
-
+def run_arm(arm, p, seed, student0, teacher, tok, data, start: dict, out: Path) -> dict:
+    """Post-train a copy of student0 with `arm`, evaluating eval_points times on the curves' subsets (and at the
+    start, `start`), then fully. Segments are kdrl.train runs resumed from the last one (bit-exact)."""
+    cfg = arm_config(arm, p, seed, out / f"{arm}-seed{seed}")
+    student, wall = copy.deepcopy(student0), 0.0
+    curve = [dict(step=0, wall_s=0.0, **start)]
+    ends = sorted({round(cfg.steps * (i + 1) / p.eval_points) for i in range(p.eval_points)})
+    for i, end in enumerate(ends):
+        t0 = time.time()
+        with contextlib.redirect_stdout(io.StringIO()):  # kdrl.train's own time line, once per segment
+            kdrl.train(replace(cfg, steps=end, resume=i > 0), student, teacher, tok, data["train"], kdrl.math_reward)
+        wall += time.time() - t0
+        if i + 1 < len(ends):
+            curve.append(dict(step=end, wall_s=wall, **evaluate(student, tok, subsets(data, p.eval_subset), p)))
+    final = evaluate(student, tok, subsets(data), p, k=p.avg_k)
+    curve.append(dict(step=ends[-1], wall_s=wall, **final))
+    lengths = [json.loads(line)["length"] for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()[-10:]]
+    return dict(method=arm, seed=seed, wall_s=wall, beta=cfg.beta, length=sum(lengths) / len(lengths), curve=curve, **final)
 
 # -----------------------------------------------------------------------------
-# Reporting: table (mean ± standard error over seeds), JSON, plot.
+# Reporting: table (mean ± standard error over seeds), JSON, curves.
+
+COLUMNS = [("id", "ID"), ("id_A", "ID A"), ("id_B", "ID B"), ("ood", "OOD"), ("ood_seen", "OOD seen"),
+           ("ood_unseen", "OOD unseen")]
 
 
 def mean_se(xs: list[float], fmt: str) -> str:
@@ -242,43 +362,98 @@ def mean_se(xs: list[float], fmt: str) -> str:
     return f"{fmt.format(m)} ± {fmt.replace('+', '').format(se)}"
 
 
-def table(rows: list[dict], names: list[str], baseline: str = "grpo") -> str:
-    """One row per model. The last column compares each method with the baseline *paired by seed* (both start
-    from the same student), which removes the spread between students that the per-column errors include."""
-    base = {r["seed"]: r["id"] for r in rows if r["method"] == baseline}
-    lines = [f"| model | n | ID acc (%) | OOD acc (%) | mean length (tokens) | wall time (s) | ID − {baseline}, paired (points) |", "|---|---|---|---|---|---|---|"]
+def paired(rows: list[dict], name: str, key: str, baseline: str = "grpo") -> list[float]:
+    """100 × (name − baseline) on `key`, one difference per seed that both ran (same student, same data order)."""
+    base = {r["seed"]: r[key] for r in rows if r["method"] == baseline}
+    return [100 * (r[key] - base[r["seed"]]) for r in rows if r["method"] == name and r["seed"] in base]
+
+
+def table(rows: list[dict], names: list[str], baseline: str = "grpo", k: int = 4) -> str:
+    """One row per model: greedy accuracy (%) per population, avg@k, length, wall time, and the differences
+    from the baseline *paired by seed* (both start from the same student), which removes the spread between
+    students that the per-column errors include."""
+    head = [label for _, label in COLUMNS] + [f"ID avg@{k}", f"OOD avg@{k}", "length", "wall (s)", f"ID − {baseline}",
+                                              f"ID B − {baseline}"]
+    lines = ["| model | n | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
     for name in names:
         rs = [r for r in rows if r["method"] == name]
-        if rs:
-            paired = [100 * (r["id"] - base[r["seed"]]) for r in rs if r["seed"] in base]
-            show_paired = name not in (baseline, "teacher") and len(paired) == len(rs)
-            cells = [mean_se([100 * r["id"] for r in rs], "{:.1f}"), mean_se([100 * r["ood"] for r in rs], "{:.1f}"),
-                     mean_se([r["length"] for r in rs], "{:.1f}"), mean_se([r["wall_s"] for r in rs], "{:.0f}"),
-                     mean_se(paired, "{:+.1f}") if show_paired else "—"]
-            lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
+        if not rs:
+            continue
+        cells = [mean_se([100 * r[key] for r in rs], "{:.1f}") for key, _ in COLUMNS]
+        for key in (f"id_avg@{k}", f"ood_avg@{k}"):
+            cells.append(mean_se([100 * r[key] for r in rs], "{:.1f}") if key in rs[0] else "—")
+        cells += [mean_se([r["length"] for r in rs], "{:.1f}") if "length" in rs[0] else "—", mean_se([r["wall_s"] for r in rs], "{:.0f}")]
+        for key in ("id", "id_B"):
+            diffs = paired(rows, name, key, baseline)
+            show = name not in (baseline, "teacher", "student (start)") and len(diffs) == len(rs)
+            cells.append(mean_se(diffs, "{:+.1f}") if show else "—")
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(out: Path, methods: list[str], seeds: int, start: dict[int, float]) -> None:
+def significant(rows: list[dict], names: list[str], baseline: str = "grpo") -> list[str]:
+    """The paired differences from the baseline whose mean exceeds two standard errors (needs ≥ 2 seeds)."""
+    out = []
+    for name in names:
+        for key, label in COLUMNS:
+            diffs = paired(rows, name, key, baseline)
+            if name == baseline or len(diffs) < 2:
+                continue
+            m = sum(diffs) / len(diffs)
+            se = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+            if abs(m) > 2 * se:
+                out.append(f"{name} {label}: {m:+.1f} ± {se:.1f}")
+    return out
+
+
+def plot(out: Path, rows: list[dict], arms: list[str]) -> None:
+    """curves.png: accuracy vs step (ID, region A, region B, OOD), the per-token KL to the teacher on the training
+    samples vs step (arms that score the teacher), ID accuracy vs wall time. Mean over seeds, band ± 1 s.e."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in methods:
-        curves = []
-        for s in range(seeds):
-            evals = [json.loads(l) for l in (out / f"{m}-seed{s}" / "metrics.jsonl").read_text().splitlines()]
-            curves.append([(0, start[s])] + [(e["step"] + 1, e["acc_greedy"]) for e in evals if e.get("eval")])
-        xs = [x for x, _ in curves[0]]
-        ax.plot(xs, [100 * sum(c[i][1] for c in curves) / len(curves) for i in range(len(xs))], marker="o", ms=3, label=m)
-    ax.set(xlabel="step", ylabel="ID greedy accuracy (%)", title=f"post-training from the same student (mean of {seeds} seed(s))")
-    ax.legend(fontsize=8, ncol=2)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    panels = [("id", "ID accuracy (%)"), ("id_A", "ID region A accuracy (%)"), ("id_B", "ID region B accuracy (%) (teacher: bug)"),
+              ("ood", "OOD accuracy (%)")]
+    for arm in arms:
+        rs = [r for r in rows if r["method"] == arm]
+        if not rs:
+            continue
+        steps = [c["step"] for c in rs[0]["curve"]]
+        for ax, (key, label) in zip(axes.flat[:4], panels, strict=True):
+            _band(ax, steps, [[100 * c[key] for c in r["curve"]] for r in rs], arm)
+            ax.set(xlabel="step", ylabel=label)
+        kl = [_kl_curve(out / f"{arm}-seed{r['seed']}") for r in rs]
+        if all(kl):
+            _band(axes.flat[4], list(range(len(kl[0]))), kl, arm)
+        walls = [statistics.mean(c["wall_s"] for c in (r["curve"][i] for r in rs)) for i in range(len(steps))]
+        _band(axes.flat[5], walls, [[100 * c["id"] for c in r["curve"]] for r in rs], arm)
+    axes.flat[4].set(xlabel="step", ylabel="KL(π ‖ π_T) per token, k1 on training samples", yscale="symlog")
+    axes.flat[5].set(xlabel="wall time (s)", ylabel="ID accuracy (%)")
+    axes.flat[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"post-training from the same students (mean ± s.e. over {max(r['seed'] for r in rows) + 1} seed(s))")
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
+    fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
 
+
+def _band(ax, xs: list[float], ys: list[list[float]], label: str) -> None:
+    n = len(ys)
+    mean = [sum(y[i] for y in ys) / n for i in range(len(xs))]
+    line = ax.plot(xs, mean, marker="o", ms=2, lw=1.2, label=label)[0]
+    if n > 1:
+        se = [math.sqrt(sum((y[i] - mean[i]) ** 2 for y in ys) / (n - 1) / n) for i in range(len(xs))]
+        ax.fill_between(xs, [m - s for m, s in zip(mean, se, strict=True)], [m + s for m, s in zip(mean, se, strict=True)],
+                        color=line.get_color(), alpha=0.15)
+
+
+def _kl_curve(run: Path, window: int = 10) -> list[float]:
+    """The logged kl_k1 per step, as a running mean over `window` steps; [] when the run scored no teacher."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["kl_k1"] for r in rows if not r.get("eval") and "kl_k1" in r]
+    return [sum(kl[max(0, i - window + 1) : i + 1]) / len(kl[max(0, i - window + 1) : i + 1]) for i in range(len(kl))]
 
 # -----------------------------------------------------------------------------
 # --bench: the speed anchor. GRPO and KDRL steps of kdrl.train in the setting TRL's GRPOTrainer was timed in.
@@ -538,16 +713,75 @@ def random_additions(n: int, seed: int = 0) -> list[dict]:
     return [dict(prompt=f"{a}+{b}=", answer=str(a + b)) for a, b in pairs]
 
 
+def lr_grid(p: Preset, lrs: list[float], out: Path, device) -> dict[float, float]:
+    """GRPO (the baseline) at each lr from seed 0's student; greedy accuracy on the *validation* split."""
+    tok, data = char_tokenizer(), make_splits(p)
+    teacher, _ = get_teacher(p, tok, data, out / "cache", device)
+    student, _ = get_student(p, tok, data, 0, device)
+    res = {}
+    for lr in lrs:
+        model = copy.deepcopy(student)
+        cfg = replace(arm_config("grpo", p, 0, out / f"lr-{lr:g}"), lr=lr)
+        with contextlib.redirect_stdout(io.StringIO()):
+            kdrl.train(cfg, model, teacher, tok, data["train"], kdrl.math_reward)
+        res[lr] = accuracy(model, tok, data["val"], p)
+        print(f"lr {lr:g}: grpo validation accuracy {res[lr]:.1%}")
+    return res
+
+
+def run_demo(p: Preset, preset: str, arms: list[str], out: Path, device) -> dict:
+    t_start = time.time()
+    tok, data = char_tokenizer(), make_splits(p)
+    full, few = subsets(data), subsets(data, p.eval_subset)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in full.items())
+    print(f"preset {preset} | {len(data['train'])} train, {len(data['val'])} val | test: {sizes} | arms: {', '.join(arms)} | "
+          f"{p.seeds} seed(s) | e.g. {data['train'][0]['prompt']}{data['train'][0]['solution']}")
+    teacher, meta = get_teacher(p, tok, data, out / "cache", device)
+    rows = [dict(method="teacher", seed=0, wall_s=meta["train_s"], **evaluate(teacher, tok, full, p, k=p.avg_k))]
+    print(f"teacher: ID A {rows[0]['id_A']:.1%} | ID B {rows[0]['id_B']:.1%} (carry-dropping by design) | OOD {rows[0]['ood']:.1%}")
+    for seed in range(p.seeds):
+        student, wall = get_student(p, tok, data, seed, device)
+        start = evaluate(student, tok, full, p, k=p.avg_k)
+        rows.append(dict(method="student (start)", seed=seed, wall_s=wall, **start))
+        print(f"seed {seed} student start: ID {start['id']:.1%} (A {start['id_A']:.1%}, B {start['id_B']:.1%}) | OOD {start['ood']:.1%}")
+        start_few = evaluate(student, tok, few, p)
+        for arm in arms:
+            r = run_arm(arm, p, seed, student, teacher, tok, data, start_few, out)
+            rows.append(r)
+            print(f"seed {seed} {arm}: ID {r['id']:.1%} (A {r['id_A']:.1%}, B {r['id_B']:.1%}) | OOD {r['ood']:.1%} "
+                  f"(seen {r['ood_seen']:.1%}, unseen {r['ood_unseen']:.1%}) | {r['wall_s']:.0f}s", flush=True)
+    total = time.time() - t_start
+    names = ["teacher", "student (start)", *arms]
+    sig = significant(rows, arms)
+    md = (f"# Results: preset `{preset}`, device {device}, {p.seeds} seed(s), total {total:.0f}s\n\n"
+          f"Greedy accuracy (%) on {len(data['test'])} ID test problems (region A: {len(full['id_A'])}, region B: "
+          f"{len(full['id_B'])}) and {len(data['ood'])} OOD problems (seen steps: {len(full['ood_seen'])}, an unseen step: "
+          f"{len(full['ood_unseen'])}); avg@{p.avg_k} is the mean accuracy of {p.avg_k} samples per problem at T = "
+          f"{p.rl['temperature']}. Mean ± standard error over seeds; the last two columns are differences from grpo paired "
+          f"by seed. Length: mean response length of the last 10 training steps (sft, sft-all: the teacher's samples). "
+          f"Wall: post-training incl. its curve evaluations (teacher: its supervised training; student: its start).\n\n"
+          + table(rows, names, k=p.avg_k) + "\n\n"
+          + "Paired differences from grpo beyond two standard errors: " + ("; ".join(sig) if sig else "none") + ".\n")
+    print("\n" + md)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(dict(preset=preset, device=str(device), settings=asdict(p), demo_scale=DEMO_SCALE,
+                                                      beta_arms=BETA_ARMS, rows=rows), indent=2))
+    plot(out, rows, arms)
+    return dict(rows=rows, out=str(out), significant=sig)
+
+
 # -----------------------------------------------------------------------------
 # Main.
 
 
 def main(argv=None) -> dict:
+    arm_names = [*kdrl.METHODS, *BETA_ARMS]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=list(PRESETS), default=None, help="default: gpu if CUDA is available, else cpu")
     ap.add_argument("--out", default="runs/tiny", help="output directory (the teacher cache lives in <out>/cache)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per method (default: the preset's)")
-    ap.add_argument("--methods", default=",".join(kdrl.METHODS), help="comma-separated subset of kdrl.METHODS")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's)")
+    ap.add_argument("--methods", default=None, help=f"comma-separated arms (default: the preset's); choose from {arm_names}")
+    ap.add_argument("--lr-grid", default=None, metavar="LRS", help="comma-separated lrs: run GRPO at each, print validation accuracy, exit")
     ap.add_argument("--bench", action="store_true", help="time GRPO and KDRL steps in the speed-anchor setting instead (see bench)")
     ap.add_argument("--bench-model", default=None, help="with --bench: a saved causal LM to use as student and teacher (default: build the anchor model)")
     ap.add_argument("--bench-trl", action="store_true",
@@ -567,46 +801,17 @@ def main(argv=None) -> dict:
         return dict(bench=bench(args.bench_model))
     if args.preset is None:
         args.preset = "gpu" if torch.cuda.is_available() else "cpu"
-        print("GPU found: using the gpu preset" if args.preset == "gpu" else "no GPU found: using the cpu preset (6.5-8.5 min on 2 cores; --preset gpu/smoke to override)")
+        print("GPU found: using the gpu preset" if args.preset == "gpu" else "no GPU found: using the cpu preset (--preset gpu/smoke to override)")
     p = PRESETS[args.preset]
     p = replace(p, seeds=args.seeds or p.seeds)
-    methods = [m for m in args.methods.split(",") if m]
-    if bad := [m for m in methods if m not in kdrl.METHODS]:
-        ap.error(f"unknown methods {bad}; choose from {list(kdrl.METHODS)}")
-    out, device, t_start = Path(args.out), torch.device("cuda" if torch.cuda.is_available() else "cpu"), time.time()
+    device, out = torch.device("cuda" if torch.cuda.is_available() else "cpu"), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok, data = char_tokenizer(), make_splits(p)
-    print(f"preset {args.preset} | {len(data['train'])} train, {len(data['test'])} ID test, {len(data['ood'])} OOD | e.g. {data['train'][0]['prompt']}{data['train'][0]['solution']}")
-
-    teacher, meta = get_teacher(p, tok, data, out / "cache", device)
-    ev_t, ood_t = evaluate(teacher, tok, data["test"], p), evaluate(teacher, tok, data["ood"], p)
-    rows = [dict(method="teacher", seed=0, id=ev_t["acc_greedy"], ood=ood_t["acc_greedy"], length=ev_t["length"], wall_s=meta["train_s"])]
-    print(f"teacher: ID {ev_t['acc_greedy']:.1%} | OOD {ood_t['acc_greedy']:.1%}")
-    start_acc = {}
-    for seed in range(p.seeds):
-        t0 = time.time()
-        student = new_model(tok, p.student, seed=100 + seed).to(device)
-        supervised(student, tok, data["train"], p.student_steps, p.sft_lr, p.sft_batch, seed, f"student seed {seed} (supervised)",
-                   reached(student, tok, data, p, p.student_target), p.check_every)
-        wall, ev_s, ood_s = time.time() - t0, evaluate(student, tok, data["test"], p), evaluate(student, tok, data["ood"], p)
-        start_acc[seed] = ev_s["acc_greedy"]
-        rows.append(dict(method="student (start)", seed=seed, id=ev_s["acc_greedy"], ood=ood_s["acc_greedy"], length=ev_s["length"], wall_s=wall))
-        print(f"student seed {seed}: ID {ev_s['acc_greedy']:.1%} | OOD {ood_s['acc_greedy']:.1%}")
-        for m in methods:
-            rows.append(r := run_method(m, p, seed, student, teacher, tok, data, out))
-            print(f"{m} seed {seed}: ID {r['id']:.1%} | OOD {r['ood']:.1%} | length {r['length']:.1f} | {r['wall_s']:.0f}s")
-
-    n_params = lambda m: sum(x.numel() for x in m.parameters())
-    md = (f"# Results: preset `{args.preset}`, device {device}, {p.seeds} seed(s), total {time.time() - t_start:.0f}s\n\n"
-          f"Greedy accuracy on {len(data['test'])} ID and {len(data['ood'])} OOD problems, mean ± standard error over seeds (n = 1: no error bar); "
-          f"the last column is the ID difference from grpo within each seed, mean ± standard error. "
-          f"Teacher {n_params(teacher) / 1e3:.0f}K params, student {n_params(student) / 1e3:.0f}K. Teacher wall time = its supervised training (cached runs reuse it); "
-          f"student (start) = its brief supervised start; methods = kdrl.train incl. its evals.\n\n" + table(rows, ["teacher", "student (start)", *methods]) + "\n")
-    print("\n" + md)
-    (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(dict(preset=args.preset, device=str(device), settings=asdict(p), demo_scale=DEMO_SCALE, rows=rows), indent=2))
-    plot(out, methods, p.seeds, start_acc)
-    return dict(rows=rows, out=str(out))
+    if args.lr_grid:
+        return dict(lr_grid=lr_grid(p, [float(x) for x in args.lr_grid.split(",")], out, device))
+    arms = [m for m in args.methods.split(",") if m] if args.methods else list(p.arms or arm_names)
+    if bad := [m for m in arms if m not in arm_names]:
+        ap.error(f"unknown arms {bad}; choose from {arm_names}")
+    return run_demo(p, args.preset, arms, out, device)
 
 
 if __name__ == "__main__":
