@@ -392,8 +392,9 @@ def full_kl(
 def kl_reward_to_go(logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-token KD return G_t = Σ_{t'≥t} γ^(t'−t) (teacher_logp − logp)_{t'} within each response. (B, T) → (B, T).
 
-    The reward −d_t = log π_T − log π is MiniLLM's / on-policy distillation's per-token reward. Masked
-    positions add nothing and get G = 0; the result is detached (it is a reward, not a loss).
+    The reward −d_t = log π_T − log π is on-policy distillation's per-token reward (used with γ = 0); MiniLLM's
+    sequence-level objective is γ = 1. Masked positions add nothing and get G = 0; the result is detached (it is
+    a reward, not a loss).
     γ = 1: −Σ_t G_t ∇log π_t is, on-policy, an unbiased gradient of the **sequence-level** reverse KL
            KL(π(y|x) ‖ π_T(y|x)), provided the per-token terms are summed or divided by a constant (the
            "constant" loss_agg). A per-sample length normaliser ("seq-mean") reweights samples by their

@@ -1310,35 +1310,85 @@ def test_data_order_is_a_pure_function_of_seed_and_step():
 # --- the demo --------------------------------------------------------------------------------------
 
 
-def test_demo_smoke_runs_every_method(tmp_path):
-    """`train_tiny.py --preset smoke` runs every METHODS preset and writes the table, the JSON, the plot and
-    one metrics.jsonl per run. No accuracy is asserted: the smoke preset checks the plumbing only."""
+def test_demo_smoke_runs_every_arm(tmp_path):
+    """`train_tiny.py --preset smoke` runs every METHODS preset and β-grid arm and writes the table, the JSON, the
+    curves and one metrics.jsonl per run. No accuracy is asserted: the smoke preset checks the plumbing only."""
     import train_tiny
 
     result = train_tiny.main(["--preset", "smoke", "--out", str(tmp_path)])
-    ran = {r["method"] for r in result["rows"]}
-    assert ran == {"teacher", "student (start)", *kdrl.METHODS}
+    arms = [*kdrl.METHODS, *train_tiny.BETA_ARMS]
+    assert {r["method"] for r in result["rows"]} == {"teacher", "student (start)", *arms}
     table = (tmp_path / "results.md").read_text()
-    for name in ran:
+    for name in ("teacher", "student (start)", *arms):
         assert f"| {name} | 1 |" in table
-    assert (tmp_path / "accuracy.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "results.json").read_text())["preset"] == "smoke"
-    for m in kdrl.METHODS:
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["preset"] == "smoke" and len(saved["rows"]) == 2 + len(arms)
+    for m in arms:
         assert len(_steps(tmp_path / f"{m}-seed0")) == train_tiny.PRESETS["smoke"].rl["steps"]
+    assert {r["beta"] for r in result["rows"] if r["method"] in train_tiny.BETA_ARMS} == set(train_tiny.BETA_ARMS.values())
+
+
+def test_demo_is_deterministic_on_one_machine(tmp_path):
+    """The README's reproducibility claim, and no more: the same command on the same machine (same torch, same thread
+    count) gives the same numbers; wall times aside. Across machines BLAS kernels differ, which it does not claim."""
+    import train_tiny
+
+    def numbers(out):
+        result = train_tiny.main(["--preset", "smoke", "--out", str(out), "--methods", "grpo,kdrl,sft"])
+        drop = ("wall_s",)
+        rows = [{k: (v if k != "curve" else [{c: x for c, x in point.items() if c not in drop} for point in v])
+                 for k, v in row.items() if k not in drop} for row in result["rows"]]
+        return rows, [_steps(out / f"{m}-seed0") for m in ("grpo", "kdrl", "sft")]  # losses, KL, rewards per step
+
+    (rows_a, steps_a), (rows_b, steps_b) = numbers(tmp_path / "a"), numbers(tmp_path / "b")
+    assert rows_a == rows_b and len(rows_a) == 5
+    assert steps_a == steps_b and all(math.isfinite(r["pg_loss"]) for r in steps_a[0])
+
+
+def test_demo_splits_are_disjoint_and_the_teacher_data_has_its_designed_bug():
+    """Train / val / test / OOD are disjoint; OOD is every equal-tens problem (900); the teacher's solutions
+    differ from the correct ones exactly in region B (both units digits ≥ 5), where they answer a + b − 10 with
+    working that is consistent with that answer; OOD problems with a carry are the ones that need an unseen step."""
+    import train_tiny
+
+    p = train_tiny.PRESETS["cpu"]
+    data = train_tiny.make_splits(p)
+    keys = {name: {ex["prompt"] for ex in rows} for name, rows in data.items()}
+    assert [len(keys[k]) for k in ("train", "val", "test", "ood")] == [p.n_train, p.n_val, p.n_test, 900]
+    assert all(not (keys[x] & keys[y]) for x, y in itertools.combinations(keys, 2))
+    tens_steps = set()
+    for ex in data["train"]:
+        a, b = map(int, ex["prompt"][:-1].split("+"))
+        assert ex["solution"].endswith(f"#### {a + b}")
+        bug = a % 10 >= 5 and b % 10 >= 5
+        assert (ex["region"] == "B") == bug and (ex["teacher_solution"] != ex["solution"]) == bug
+        assert int(ex["teacher_answer"]) == a + b - 10 * bug
+        assert kdrl.math_reward(ex["prompt"], ex["teacher_solution"], ex) == float(not bug)
+        tens_steps.add(ex["solution"].split("|")[1])
+    steps_anywhere = {step for ex in data["train"] for step in ex["solution"].split("|")[:-1]}
+    for ex in data["ood"]:
+        tens = ex["solution"].split("|")[1]
+        assert tens not in tens_steps and (tens in steps_anywhere) == (not ex["carry"])
+    assert sum(ex["region"] == "B" for ex in data["test"]) / p.n_test == pytest.approx(0.25, abs=0.04)
 
 
 def test_results_table_pairs_each_method_with_grpo_by_seed():
-    """The paired column's error is that of the per-seed differences from grpo (here 10 and 20 points: ± 5.0), not
-    the combined error of two means (± 18.0), since both methods start from the same student in each seed."""
+    """The paired columns' errors are those of the per-seed differences from grpo (here 10 and 20 points: ± 5.0),
+    not the combined error of two means (± 18.0), since both methods start from the same student in each seed;
+    `significant` lists the paired differences beyond two standard errors."""
     import train_tiny
 
-    row = lambda method, seed, acc: dict(method=method, seed=seed, id=acc, ood=0.5, length=20.0, wall_s=3.0)
-    rows = [row("teacher", 0, 0.9), row("grpo", 0, 0.2), row("grpo", 1, 0.4), row("kd", 0, 0.3), row("kd", 1, 0.6)]
+    def row(method, seed, acc, b):
+        return dict(method=method, seed=seed, id=acc, id_A=acc, id_B=b, ood=0.5, ood_seen=0.5, ood_unseen=0.5, length=20.0, wall_s=3.0)
+
+    rows = [row("teacher", 0, 0.9, 0.0), row("grpo", 0, 0.2, 0.1), row("grpo", 1, 0.4, 0.3), row("kd", 0, 0.3, 0.0), row("kd", 1, 0.6, 0.2)]
     lines = train_tiny.table(rows, ["teacher", "grpo", "kd"]).splitlines()
-    assert lines[0].endswith("| ID − grpo, paired (points) |")
-    assert lines[2] == "| teacher | 1 | 90.0 | 50.0 | 20.0 | 3 | — |"
-    assert lines[3] == "| grpo | 2 | 30.0 ± 10.0 | 50.0 ± 0.0 | 20.0 ± 0.0 | 3 ± 0 | — |"
-    assert lines[4] == "| kd | 2 | 45.0 ± 15.0 | 50.0 ± 0.0 | 20.0 ± 0.0 | 3 ± 0 | +15.0 ± 5.0 |"
+    assert lines[0].endswith("| ID − grpo | ID B − grpo |")
+    assert lines[2] == "| teacher | 1 | 90.0 | 90.0 | 0.0 | 50.0 | 50.0 | 50.0 | — | — | 20.0 | 3 | — | — |"
+    assert lines[3] == "| grpo | 2 | 30.0 ± 10.0 | 30.0 ± 10.0 | 20.0 ± 10.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | — | — | 20.0 ± 0.0 | 3 ± 0 | — | — |"
+    assert lines[4].endswith("| +15.0 ± 5.0 | -10.0 ± 0.0 |")
+    assert train_tiny.significant(rows, ["grpo", "kd"]) == ["kd ID: +15.0 ± 5.0", "kd ID A: +15.0 ± 5.0", "kd ID B: -10.0 ± 0.0"]
 
 
 def test_bench_prints_one_machine_readable_line_per_method(pair, capsys):

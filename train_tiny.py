@@ -1,7 +1,7 @@
 """
 train_tiny.py: the KDRL comparison on tiny models, from scratch, with no downloads.
 
-    python train_tiny.py                   # cpu preset without a GPU, gpu preset with one
+    python train_tiny.py                   # cpu preset without a GPU (2 seeds, about 8 min on 2 cores), gpu preset with one
     python train_tiny.py --preset smoke    # < 60 s, tiny everything: checks the plumbing, not the methods
 
 Task: 2-digit addition worked column by column with carries, e.g. `95+98=` → `5+8=13|9+9+1=19|#### 193`,
@@ -117,7 +117,7 @@ PRESETS = {
                     teacher_steps=20, student=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2), student_steps=5,
                     sft_batch=16, rl={**RL_CPU, "steps": 2, "prompts_per_step": 2, "group_size": 2}, arms=(), seeds=1,
                     eval_points=1, eval_subset=8, avg_k=2),
-    "cpu": Preset(rl=RL_CPU, arms=CPU_ARMS),
+    "cpu": Preset(rl=RL_CPU, arms=CPU_ARMS, seeds=2),  # 2 seeds fit the 10-minute budget on 2 cores; 3 take about 12
     "gpu": Preset(rl={**RL_CPU, "steps": 300, "prompts_per_step": 32}, arms=(), seeds=5),  # untested: no GPU lent yet
 }
 # The paper's β (5e-3 → 1e-3) is sized for 1.5B-parameter models whose per-token KL is small and whose GRPO
@@ -417,20 +417,22 @@ def plot(out: Path, rows: list[dict], arms: list[str]) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     panels = [("id", "ID accuracy (%)"), ("id_A", "ID region A accuracy (%)"), ("id_B", "ID region B accuracy (%) (teacher: bug)"),
               ("ood", "OOD accuracy (%)")]
-    for arm in arms:
+    for i, arm in enumerate(arms):
         rs = [r for r in rows if r["method"] == arm]
         if not rs:
             continue
+        color = f"C{i % 10}"  # one color per arm in every panel
         steps = [c["step"] for c in rs[0]["curve"]]
         for ax, (key, label) in zip(axes.flat[:4], panels, strict=True):
-            _band(ax, steps, [[100 * c[key] for c in r["curve"]] for r in rs], arm)
+            _band(ax, steps, [[100 * c[key] for c in r["curve"]] for r in rs], arm, color)
             ax.set(xlabel="step", ylabel=label)
         kl = [_kl_curve(out / f"{arm}-seed{r['seed']}") for r in rs]
         if all(kl):
-            _band(axes.flat[4], list(range(len(kl[0]))), kl, arm)
+            _band(axes.flat[4], list(range(len(kl[0]))), kl, arm, color)
         walls = [statistics.mean(c["wall_s"] for c in (r["curve"][i] for r in rs)) for i in range(len(steps))]
-        _band(axes.flat[5], walls, [[100 * c["id"] for c in r["curve"]] for r in rs], arm)
-    axes.flat[4].set(xlabel="step", ylabel="KL(π ‖ π_T) per token, k1 on training samples", yscale="symlog")
+        _band(axes.flat[5], walls, [[100 * c["id"] for c in r["curve"]] for r in rs], arm, color)
+    axes.flat[4].set(xlabel="step", ylabel="KL(π ‖ π_T) per token (k1, training samples)",
+                     title="arms that score the teacher; 10-step running mean")
     axes.flat[5].set(xlabel="wall time (s)", ylabel="ID accuracy (%)")
     axes.flat[0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"post-training from the same students (mean ± s.e. over {max(r['seed'] for r in rows) + 1} seed(s))")
@@ -439,14 +441,15 @@ def plot(out: Path, rows: list[dict], arms: list[str]) -> None:
     plt.close(fig)
 
 
-def _band(ax, xs: list[float], ys: list[list[float]], label: str) -> None:
+def _band(ax, xs: list[float], ys: list[list[float]], label: str, color: str) -> None:
+    """The mean of the curves ys over seeds, and a band of ± 1 standard error."""
     n = len(ys)
     mean = [sum(y[i] for y in ys) / n for i in range(len(xs))]
-    line = ax.plot(xs, mean, marker="o", ms=2, lw=1.2, label=label)[0]
+    ax.plot(xs, mean, marker="o", ms=2, lw=1.2, label=label, color=color)
     if n > 1:
         se = [math.sqrt(sum((y[i] - mean[i]) ** 2 for y in ys) / (n - 1) / n) for i in range(len(xs))]
         ax.fill_between(xs, [m - s for m, s in zip(mean, se, strict=True)], [m + s for m, s in zip(mean, se, strict=True)],
-                        color=line.get_color(), alpha=0.15)
+                        color=color, alpha=0.12)
 
 
 def _kl_curve(run: Path, window: int = 10) -> list[float]:
@@ -739,6 +742,8 @@ def run_demo(p: Preset, preset: str, arms: list[str], out: Path, device) -> dict
     teacher, meta = get_teacher(p, tok, data, out / "cache", device)
     rows = [dict(method="teacher", seed=0, wall_s=meta["train_s"], **evaluate(teacher, tok, full, p, k=p.avg_k))]
     print(f"teacher: ID A {rows[0]['id_A']:.1%} | ID B {rows[0]['id_B']:.1%} (carry-dropping by design) | OOD {rows[0]['ood']:.1%}")
+    if preset != "smoke" and not (rows[0]["id_A"] >= 0.8 and rows[0]["id_B"] <= 0.2):
+        print("warning: the teacher is not 'strong on A, wrong on B' as designed; the comparison below tests nothing")
     for seed in range(p.seeds):
         student, wall = get_student(p, tok, data, seed, device)
         start = evaluate(student, tok, full, p, k=p.avg_k)
