@@ -129,6 +129,9 @@ class KDRLConfig:
     """loss-mode estimator: "k1", "k2" (paper), "k3", or "full" (exact KL over the vocabulary)"""
     kd_gamma: float = 1.0
     """reward-mode discount: 1 gives the sequence-level reverse KL, 0 the per-token one"""
+    kd_baseline: str = "loo"
+    """reward mode: subtract from each response's KD return the mean of the other G − 1 responses' returns at the
+    same position ("loo", leave-one-out: unbiased, lower variance), or nothing ("none")"""
     kd_mask: str = "none"
     """"none", "response" (KD only on incorrect responses: KDRL-Mask), "group" (only in all-wrong groups)"""
     # --- RLAD / TRRD ---
@@ -207,6 +210,7 @@ _CHOICES = dict(
     kd_kind=("k1", "k2", "k3", "full"),
     kd_mask=("none", "response", "group"),
     sft_keep=("correct", "all"),
+    kd_baseline=("none", "loo"),
     device=("auto", "cpu", "cuda"),
     dtype=("auto", "float32", "bfloat16"),
 )
@@ -411,6 +415,18 @@ def kl_reward_to_go(logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.
     return torch.where(mask.bool(), out, 0.0)
 
 
+def leave_one_out_baseline(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """For each response, the mean of the *other* G − 1 responses' returns at the same position. (B, T) → (B, T),
+    groups contiguous; 0 for G = 1. It depends only on the other samples of the group, which are independent of
+    this one, so subtracting it from this response's return leaves the expected policy gradient unchanged while
+    removing the part of the return that every response shares (its scale grows with the response length)."""
+    if group_size == 1:
+        return torch.zeros_like(returns)
+    grouped = returns.view(-1, group_size, returns.shape[-1])  # (num_groups, G, T)
+    others = grouped.sum(dim=1, keepdim=True) - grouped  # (num_groups, G, T)
+    return (others / (group_size - 1)).view_as(returns)
+
+
 def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """GRPO's sequence advantage A_i = (R_i − mean_g) / (std_g + eps). (B,) → (B,), groups contiguous.
 
@@ -504,7 +520,8 @@ def kdrl_loss(
       "loss":   β · aggregate(w_t · k_t) with k = kl_estimate(kd_kind) or full_kl. w_t = π/π_old (detached)
                 on the sampled token makes a minibatch sampled by π_old give the on-policy expected gradient
                 (w = 1 exactly at μ = 1). kind "full" sums over the vocabulary and needs no such weight.
-      "reward": β · kl_reward_to_go(γ = kd_gamma) is added to the token advantage inside the surrogate.
+      "reward": β · kl_reward_to_go(γ = kd_gamma), minus its leave-one-out group mean when kd_baseline="loo"
+                (needs whole groups in the batch), is added to the token advantage inside the surrogate.
     cfg.kd_mask removes KD from whole responses (see kd_response_mask); their KD gradient is exactly 0.
     cfg.loss_agg: "token-mean" divides by num_tokens; "seq-mean" averages each response over its tokens,
     then divides by num_seqs; "constant" (Dr.GRPO) divides by max_new_tokens × num_seqs.
@@ -531,7 +548,10 @@ def kdrl_loss(
     ratio = torch.exp(log_ratio)  # (B, T)
     adv = advantages.detach()[:, None].to(logp.dtype).expand_as(logp)  # (B, T)
     if cfg.kd_mode == "reward":
-        adv = adv + beta * torch.where(kd_keep, kl_reward_to_go(logp, teacher_logp, mask, cfg.kd_gamma), 0.0)
+        kd_return = kl_reward_to_go(logp, teacher_logp, mask, cfg.kd_gamma)  # (B, T)
+        if cfg.kd_baseline == "loo":
+            kd_return = kd_return - leave_one_out_baseline(kd_return, cfg.group_size)
+        adv = adv + beta * torch.where(kd_keep, kd_return, 0.0)
     lo, hi = 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high
     surrogate = torch.minimum(ratio * adv, ratio.clamp(lo, hi) * adv)
     pg_loss = agg(-surrogate)
@@ -586,7 +606,8 @@ class Rollouts:
     input_ids: torch.Tensor  # (B, P+T) left-padded prompt, then the response, pad after its first end token
     attention_mask: torch.Tensor  # (B, P+T) 1 on prompt tokens and on response tokens up to the first end token
     response_mask: torch.Tensor  # (B, T) bool, response tokens up to and *including* the first end token
-    logprobs: torch.Tensor  # (B, T) float32 log π(y_t | y_<t) at the sampling temperature (T = 1 if greedy), 0 where masked
+    logprobs: torch.Tensor  # (B, T) float32 log π(y_t | y_<t) at the sampling temperature (T = 1 if greedy), 0 where
+    # masked: a by-product of sampling, for diagnostics; the loss never reads it (μ > 1 rescoring is exact, see train)
     truncated: torch.Tensor  # (B,) bool, no end id (EOS or another, see end_token_ids) within max_new_tokens
 
     @property
@@ -1257,6 +1278,7 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
         if cfg.sft:
             row["sft_kept"] = keep.float().mean().item()  # the fraction of the batch's teacher samples trained on
         lengths = mask.sum(1).float()
+        row["zero_adv_frac"] = (adv.view(-1, G) == 0).all(dim=1).float().mean().item()  # groups with no policy gradient
         row.update(
             step=step, beta=beta, grad_norm=grad_norm, reward=rewards.mean().item(), acc=correct.float().mean().item(),
             length=lengths.mean().item(), truncated=ro.truncated.float().mean().item(), tokens=ro.attention_mask.sum().item(),

@@ -322,6 +322,11 @@ def check_supported(cfg: kdrl.KDRLConfig) -> None:
             "--method sft is not a policy-gradient method, so it does not run inside GRPOTrainer: sample the teacher, "
             "keep its correct responses and train on them with TRL's SFTTrainer (or run kdrl.py --method sft)"
         )
+    if cfg.kd_mode == "reward" and cfg.kd_baseline == "loo" and cfg.group_size > 1:
+        raise kdrl.KDRLError(
+            "--kd-mode reward with --kd-baseline loo (kdrl-seq's default) needs whole groups in each micro-batch, "
+            "which TRL's shuffle splits; add --kd-baseline none here, or run it with kdrl.py"
+        )
     if cfg.kd_kind == "full" and cfg.kd_mode == "loss":
         raise kdrl.KDRLError(
             "--kd-kind full (kdrl-full) is refused here: its chunked exact KL calls the teacher's output head inside "

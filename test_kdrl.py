@@ -39,7 +39,8 @@ _SETTINGS = dict(derandomize=True, deadline=None, database=None)
 
 
 def _cfg(**overrides) -> kdrl.KDRLConfig:
-    return kdrl.KDRLConfig(**overrides)
+    """A config for the pure-math tests, whose batches are not groups: no leave-one-out KD baseline unless asked."""
+    return kdrl.KDRLConfig(**{"kd_baseline": "none", **overrides})
 
 
 def _close(actual, expected, rel=1e-10):
@@ -238,6 +239,53 @@ def test_enum_reward_to_go_gamma1_is_sequence_kl_gradient(data):
     token_reverse = _grad((reach * _row_kl(student, teacher)).sum(), student)
     via_loss0 = _expected_kd_grad(student, teacher, V, L, _enum_cfg(L, kd_mode="reward", kd_gamma=0.0))
     _close(via_loss0, token_reverse)
+
+
+def _pair_kd_grad(student, teacher, V, L, gamma, baseline, weighted=True):
+    """Σ over every ordered pair of sequences (a group of G = 2) of P_i P_j ∇loss (weighted=False: of ∇loss), with
+    kd_mode="reward", zero advantages, the constant normaliser."""
+    tok, ctx, mask, *_ = _tree(V, L)
+    n = tok.shape[0]
+    i, j = (x.reshape(-1) for x in torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij"))
+    rows = torch.stack([i, j], dim=1).reshape(-1)  # (2 n²,): pair k is rows 2k and 2k + 1
+    cfg = _enum_cfg(L, kd_mode="reward", kd_gamma=gamma, group_size=2, kd_baseline=baseline, beta=1.0)
+    logp = _token_logp(student, tok[rows], ctx[rows], mask[rows])  # (2 n², L)
+    tlogp = _token_logp(teacher, tok[rows], ctx[rows], mask[rows])
+    P = logp.sum(1).exp().detach()  # (2 n²,)
+    pair_prob = (P[0::2] * P[1::2]).repeat_interleave(2)[:, None] if weighted else torch.ones_like(P)[:, None]  # (2 n², 1)
+    zeros = torch.zeros(len(rows), dtype=F64)
+    loss, _ = kdrl.kdrl_loss(logp, logp.detach(), tlogp, zeros, mask[rows], torch.zeros(len(rows), dtype=torch.bool), cfg,
+                             1.0, num_seqs=2, token_weight=pair_prob.expand_as(logp))
+    return _grad(loss, student)
+
+
+@settings(max_examples=10, **_SETTINGS)
+@given(_tables(2), st.sampled_from([0.0, 0.5, 1.0]))
+@example(_largest_case(2), 1.0)
+def test_enum_leave_one_out_kd_baseline_keeps_the_expected_gradient(data, gamma):
+    """kd_baseline="loo" (kdrl-seq's default) is unbiased, exactly: over every *pair* of sequences (G = 2, each
+    response's baseline is the other's return), E[∇loss] = Σ P_i P_j ∇loss equals the same sum without the
+    baseline, which for γ = 1 is the gradient of the sequence-level reverse KL (test above)."""
+    V, L, (student, teacher) = data
+    _close(_pair_kd_grad(student, teacher, V, L, gamma, "loo"), _pair_kd_grad(student, teacher, V, L, gamma, "none"))
+
+
+def test_leave_one_out_kd_baseline_changes_each_pairs_gradient():
+    """The test above is not vacuous: pair by pair (unweighted) the baseline changes the gradient by a clear margin;
+    only its expectation is unchanged."""
+    student, teacher = _fixed(_FIX_STUDENT, grad=True), _fixed(_FIX_TEACHER)
+    loo = _pair_kd_grad(student, teacher, _FIX_V, _FIX_L, 1.0, "loo", weighted=False)
+    none = _pair_kd_grad(student, teacher, _FIX_V, _FIX_L, 1.0, "none", weighted=False)
+    assert (loo - none).abs().max() > 0.1
+    expected_loo = _pair_kd_grad(student, teacher, _FIX_V, _FIX_L, 1.0, "loo")
+    _close(expected_loo, _pair_kd_grad(student, teacher, _FIX_V, _FIX_L, 1.0, "none"))
+
+
+def test_leave_one_out_baseline_is_the_mean_of_the_others():
+    returns = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 9.0], [10.0, 0.0], [0.0, 0.0], [7.0, 7.0]])
+    expected = torch.tensor([[4.0, 6.5], [3.0, 5.5], [2.0, 3.0], [3.5, 3.5], [8.5, 3.5], [5.0, 0.0]])
+    assert torch.equal(kdrl.leave_one_out_baseline(returns, 3), expected)
+    assert torch.equal(kdrl.leave_one_out_baseline(returns, 1), torch.zeros_like(returns))
 
 
 def test_enum_sequence_and_token_level_gradients_differ():
@@ -1524,6 +1572,22 @@ def test_sft_trains_only_on_ended_teacher_samples(tmp_path, method, reward, kept
     assert row["sft_kept"] == kept and row["truncated"] == 0.5
 
 
+@pytest.mark.parametrize("rewards, expected", [((1.0, 1.0, 0.0, 1.0), 0.5), ((0.0, 1.0, 1.0, 0.0), 0.0), ((1.0,) * 4, 1.0)])
+def test_zero_adv_frac_counts_groups_without_a_policy_gradient(tmp_path, rewards, expected):
+    """zero_adv_frac is the share of groups whose rewards are all equal (advantage exactly 0)."""
+    tok = char_tokenizer(CHARS)
+    cfg = kdrl.KDRLConfig.from_method("grpo", out=str(tmp_path / "z"), steps=1, group_size=2, prompts_per_step=2,
+                                      max_new_tokens=3, progress=False)
+    calls = iter(rewards)
+
+    def scripted_reward(prompt, completion, example):
+        return next(calls)
+
+    kdrl.train(cfg, _tiny("llama", len(tok), 0), _tiny("llama", len(tok), 1), tok, [{"prompt": "1", "answer": 0}], scripted_reward)
+    (row,) = _steps(tmp_path / "z")
+    assert row["zero_adv_frac"] == expected
+
+
 def test_sampler_passes_the_cache_under_the_name_the_model_takes():
     """transformers 5.2x deprecates forward(past_key_values=...) (removed in 5.40) for `cache`: the sampler uses
     `cache` where the model takes it (no deprecation warning) and `past_key_values` where that is the name, with the
@@ -1539,6 +1603,28 @@ def test_sampler_passes_the_cache_under_the_name_the_model_takes():
     old = _rollouts_for(tok, old_api, ["12+3=", "7="], group_size=2, max_new_tokens=6)
     assert old_api.seen[0] is False and all(old_api.seen[1:]) and len(old_api.seen) > 1  # the cache went in by its old name
     assert torch.equal(new.input_ids, old.input_ids) and torch.equal(new.response_mask, old.response_mask)
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_the_update_never_reads_the_samplers_logprobs(mu):
+    """The old policy is rescored (μ > 1) or is the current one detached (μ = 1): Rollouts.logprobs, a by-product of
+    sampling, never reaches the loss. Filled with NaN, the update is unchanged."""
+    tok = char_tokenizer(CHARS)
+    teacher = _tiny("qwen2", 32, 1).requires_grad_(False)
+    ro = _rollouts_for(tok, _tiny("llama", 24, 0), ["12+3=", "7="], group_size=2, max_new_tokens=6)
+    correct = torch.tensor([True, False, False, True])
+    adv = kdrl.grpo_advantages(correct.double(), 2).float()
+    weights = []
+    for logprobs in (ro.logprobs, torch.full_like(ro.logprobs, float("nan"))):
+        student = _tiny("llama", 24, 0)
+        cfg = kdrl.KDRLConfig.from_method("kdrl", group_size=2, mu=mu, lr=1e-2)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
+        batch = dataclasses.replace(ro, logprobs=logprobs)
+        scores = kdrl.teacher_pass(cfg, student, teacher, batch, len(tok))
+        kdrl.policy_update(cfg, student, teacher, optimizer, batch, adv, correct, cfg.beta, scores, len(tok), step=0)
+        weights.append(student.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert all(torch.isfinite(v).all() for v in weights[1].values())
 
 
 def test_every_end_id_ends_a_response():
@@ -1811,6 +1897,8 @@ def test_trl_loss_and_gradient_equal_kdrl(kdrl_trl, pair, tmp_path, method, monk
     μ = 2 (old log-probs ≠ current), a vLLM-style importance weight, and β at the annealing's kdrl step."""
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     overrides = dict(mu=2, kd_mask="group") if method == "kdrl-mask" else dict(mu=2)
+    if method == "kdrl-seq":
+        overrides["kd_baseline"] = "none"  # the leave-one-out baseline needs whole groups: refused in TRL
     trainer, cfg, tok, examples = _trl_trainer(kdrl_trl, pair, tmp_path, method, **overrides)
     G, index = cfg.group_size, (0, 5)
     batch = trainer._generate_and_score_completions([dict(prompt=examples[i]["prompt"], kdrl_index=i) for i in index for _ in range(G)])
@@ -1863,7 +1951,8 @@ def _trl_argv(root: Path, out: Path, *extra):
 def test_trl_two_real_steps(kdrl_trl, pair, tmp_path, method, capsys):
     """Two steps through TRL with its own sampler; one metrics line per step; a checkpoint plain transformers loads."""
     out = tmp_path / method
-    assert kdrl_trl.main(_trl_argv(pair, out, "--method", method)) == 0
+    seq = ("--kd-baseline", "none") if method == "kdrl-seq" else ()
+    assert kdrl_trl.main(_trl_argv(pair, out, "--method", method, *seq)) == 0
     assert "tokens/s" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
@@ -1898,6 +1987,7 @@ def test_trl_refuses_bad_input_like_kdrl(kdrl_trl, pair, tmp_path, capsys):
     fails(_trl_argv(pair, out, "--student", str(tmp_path / "nomodel")), "--student", "no such directory")
     fails(_trl_argv(pair, out, "--method", "sft"), "SFTTrainer")
     fails(_trl_argv(pair, out, "--method", "kdrl-full"), "kdrl-full", "run it with kdrl.py")
+    fails(_trl_argv(pair, out, "--method", "kdrl-seq"), "--kd-baseline none")
     assert not (out / "checkpoint").exists()
     with pytest.raises(kdrl.KDRLError, match="9 responses do not split over 2 processes"):
         kdrl_trl.grpo_config(kdrl.KDRLConfig(prompts_per_step=3, group_size=3), 2)
@@ -1926,7 +2016,7 @@ def test_trl_two_processes_equal_one(kdrl_trl, pair, tmp_path):
     driver.write_text(_DDP_DRIVER.format(repo=str(repo)))
     env = {**__import__("os").environ, "ACCELERATE_USE_CPU": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
     for method, agg in (("kdrl", "token-mean"), ("kdrl-seq", "seq-mean")):
-        flags = ("--method", method, "--loss-agg", agg, "--steps", "1", "--prompts-per-step", "4", "--lr", "1e-2",
+        flags = ("--method", method, "--loss-agg", agg, "--kd-baseline", "none", "--steps", "1", "--prompts-per-step", "4", "--lr", "1e-2",
                  "--beta", "0.5")
         one, two = tmp_path / f"{method}-1", tmp_path / f"{method}-2"
         for out, launcher in ((one, [sys.executable]), (two, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])):

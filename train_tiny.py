@@ -2,7 +2,7 @@
 train_tiny.py: the KDRL comparison on tiny models, from scratch, with no downloads.
 
     python train_tiny.py                   # cpu preset without a GPU (2 seeds, about 8 min on 2 cores), gpu preset with one
-    python train_tiny.py --preset smoke    # < 60 s, tiny everything: checks the plumbing, not the methods
+    python train_tiny.py --preset smoke    # about 10 s, tiny everything: checks the plumbing, not the methods
 
 Task: 2-digit addition worked column by column with carries, e.g. `95+98=` → `5+8=13|9+9+1=19|#### 193`,
 scored by kdrl.math_reward (the last `#### x`).
