@@ -30,7 +30,9 @@ Refused, with an error that says why: the sft preset (not a policy-gradient meth
 the teacher's correct samples), and kd_kind="full" (kdrl-full): kdrl.py computes it without (B, T, V) logits by
 keeping the teacher's final hidden states and calling its output head chunk by chunk inside the update, which here
 would mean carrying (B, T, H) states through TRL's batch shuffling and calling a head that ZeRO-3 / FSDP shard
-outside the teacher's forward. Multimodal inputs are refused too: kdrl trains text-only models.
+outside the teacher's forward. kd_baseline="loo" (kdrl-seq's default) is refused: its leave-one-out baseline needs
+whole groups in each micro-batch, which TRL's shuffle splits (pass --kd-baseline none). Multimodal inputs are refused
+too: kdrl trains text-only models.
 
 Differences from kdrl.py's own loop, all from TRL: the data order (TRL's seeded sampler, not batch_for_step),
 the sampler (transformers' generate or vLLM, not kdrl.sample_rollouts), checkpoints (TRL's checkpoint-N folders,
