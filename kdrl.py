@@ -141,7 +141,7 @@ class KDRLConfig:
     """TRRD clamps log(π/π_T) to [−c, c] (paper: 1)"""
     # --- SFT baseline ---
     sft: bool = False
-    """train by NLL on the teacher's correct samples instead of RL (the papers' SFT baseline)"""
+    """train by NLL on the teacher's samples instead of RL (the papers' SFT baseline; which ones: sft_keep)"""
     sft_keep: str = "correct"
     """SFT: "correct" keeps the teacher samples that are correct and ended (not truncated); "all" keeps every one
     that ended (unfiltered SFT: it learns the teacher's mistakes too)"""
@@ -253,6 +253,8 @@ def validate_config(cfg: KDRLConfig) -> None:
         raise KDRLError(f"config field temperature={cfg.temperature}: training samples at T > 0 (greedy decoding is for evaluation)")
     if cfg.kd_kind == "full" and cfg.kd_mode == "reward":
         raise KDRLError("config field kd_kind='full' needs kd_mode='loss' (reward mode uses the sampled-token k1 return)")
+    if cfg.kd_kind == "full" and max(cfg.beta, cfg.beta_min or 0.0) == 0 and not cfg.sft:
+        raise KDRLError("config field kd_kind='full' with beta=0: there is no KD term to compute (use k2, or set beta > 0)")
     conflicts = method_conflicts(cfg)
     if conflicts:
         raise KDRLError(
@@ -520,8 +522,10 @@ def kdrl_loss(
       "loss":   β · aggregate(w_t · k_t) with k = kl_estimate(kd_kind) or full_kl. w_t = π/π_old (detached)
                 on the sampled token makes a minibatch sampled by π_old give the on-policy expected gradient
                 (w = 1 exactly at μ = 1). kind "full" sums over the vocabulary and needs no such weight.
-      "reward": β · kl_reward_to_go(γ = kd_gamma), minus its leave-one-out group mean when kd_baseline="loo"
-                (needs whole groups in the batch), is added to the token advantage inside the surrogate.
+      "reward": β · kl_reward_to_go(γ = kd_gamma) (0 on responses the KD mask removes), minus the leave-one-out
+                group mean of those returns when kd_baseline="loo" (needs whole groups in the batch), is added to
+                the token advantage inside the surrogate. The baseline is subtracted from every response, so
+                its expected gradient is 0 under any KD mask (exactly so with loss_agg="constant").
     cfg.kd_mask removes KD from whole responses (see kd_response_mask); their KD gradient is exactly 0.
     cfg.loss_agg: "token-mean" divides by num_tokens; "seq-mean" averages each response over its tokens,
     then divides by num_seqs; "constant" (Dr.GRPO) divides by max_new_tokens × num_seqs.
@@ -548,10 +552,10 @@ def kdrl_loss(
     ratio = torch.exp(log_ratio)  # (B, T)
     adv = advantages.detach()[:, None].to(logp.dtype).expand_as(logp)  # (B, T)
     if cfg.kd_mode == "reward":
-        kd_return = kl_reward_to_go(logp, teacher_logp, mask, cfg.kd_gamma)  # (B, T)
-        if cfg.kd_baseline == "loo":
+        kd_return = torch.where(kd_keep, kl_reward_to_go(logp, teacher_logp, mask, cfg.kd_gamma), 0.0)  # (B, T)
+        if cfg.kd_baseline == "loo":  # from the others' (masked) returns, subtracted from every response: unbiased
             kd_return = kd_return - leave_one_out_baseline(kd_return, cfg.group_size)
-        adv = adv + beta * torch.where(kd_keep, kd_return, 0.0)
+        adv = adv + beta * torch.where(mask, kd_return, 0.0)
     lo, hi = 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high
     surrogate = torch.minimum(ratio * adv, ratio.clamp(lo, hi) * adv)
     pg_loss = agg(-surrogate)
@@ -607,7 +611,7 @@ class Rollouts:
     attention_mask: torch.Tensor  # (B, P+T) 1 on prompt tokens and on response tokens up to the first end token
     response_mask: torch.Tensor  # (B, T) bool, response tokens up to and *including* the first end token
     logprobs: torch.Tensor  # (B, T) float32 log π(y_t | y_<t) at the sampling temperature (T = 1 if greedy), 0 where
-    # masked: a by-product of sampling, for diagnostics; the loss never reads it (μ > 1 rescoring is exact, see train)
+    # masked: a by-product of sampling, for diagnostics; the loss never reads it (μ > 1 rescores: teacher_pass)
     truncated: torch.Tensor  # (B,) bool, no end id (EOS or another, see end_token_ids) within max_new_tokens
 
     @property
@@ -1079,6 +1083,7 @@ def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, cfg: KD
 
 # Fields that may change on --resume: they decide how long, where and how visibly the run goes, or only bound
 # memory, never the math of a step. Any other difference (method, β, estimator, G, lr, seed, data...) is refused.
+# (device and dtype change the floating-point arithmetic: a resume is bit-exact only on the same ones.)
 RESUME_MAY_CHANGE = (
     "steps", "resume", "progress", "out", "eval", "eval_every", "eval_limit", "save_every", "device", "dtype",
     "gradient_checkpointing", "minibatch_size", "logprob_chunk",
@@ -1089,8 +1094,12 @@ def check_resume_config(saved: dict, cfg: KDRLConfig, path: Path, step: int) -> 
     """Refuse to resume a checkpoint (config `saved`, at `step`) under a config that changes the run's math."""
     diffs = []
     for f in dataclasses.fields(KDRLConfig):
-        if f.name not in RESUME_MAY_CHANGE and f.name in saved and saved[f.name] != getattr(cfg, f.name):
-            flag = "--" + f.name.replace("_", "-")
+        if f.name in RESUME_MAY_CHANGE:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name not in saved:  # written by an older kdrl, before this field (and its default) existed
+            diffs.append(f"{f.name} (absent from the checkpoint, which an older kdrl wrote; now {getattr(cfg, f.name)!r}: {flag})")
+        elif saved[f.name] != getattr(cfg, f.name):
             diffs.append(f"{f.name} (checkpoint {saved[f.name]!r}, now {getattr(cfg, f.name)!r}: {flag})")
     if diffs:
         raise KDRLError(
@@ -1165,7 +1174,7 @@ def teacher_pass(cfg: KDRLConfig, student, teacher, ro: Rollouts, vocab_size: in
         scores["teacher_logp"], scores["teacher_hidden"] = _logprobs(cfg, teacher, ro, vocab_size, return_hidden=True)
     elif _needs_teacher(cfg):
         scores["teacher_logp"] = _logprobs(cfg, teacher, ro, vocab_size)
-    if cfg.mu > 1:
+    if cfg.mu > 1 and not cfg.sft:  # SFT's NLL needs no old policy
         scores["old_logp"] = _logprobs(cfg, student, ro, vocab_size)
     return scores
 
@@ -1204,6 +1213,8 @@ def policy_update(cfg: KDRLConfig, student, teacher, optimizer, ro: Rollouts, ad
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf")).item()
         if not math.isfinite(grad_norm):
             raise KDRLError(f"non-finite gradient at step {step} (grad_norm={grad_norm})")
+        if cfg.sft and num_tokens == 0:  # SFT kept no sample: no step (AdamW's momentum would still move the weights)
+            continue
         optimizer.step()
     return grad_norm, parts
 
@@ -1278,7 +1289,8 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
         if cfg.sft:
             row["sft_kept"] = keep.float().mean().item()  # the fraction of the batch's teacher samples trained on
         lengths = mask.sum(1).float()
-        row["zero_adv_frac"] = (adv.view(-1, G) == 0).all(dim=1).float().mean().item()  # groups with no policy gradient
+        if not cfg.sft:
+            row["zero_adv_frac"] = (adv.view(-1, G) == 0).all(dim=1).float().mean().item()  # groups with no policy gradient
         row.update(
             step=step, beta=beta, grad_norm=grad_norm, reward=rewards.mean().item(), acc=correct.float().mean().item(),
             length=lengths.mean().item(), truncated=ro.truncated.float().mean().item(), tokens=ro.attention_mask.sum().item(),

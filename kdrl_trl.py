@@ -26,7 +26,7 @@ kdrl.score_completions, and the log-probs from kdrl.head_logprobs. What this fil
   term's own weight π/π_old times w is then π/π_vLLM: the sampler's tokens, reweighted to the current policy, so
   the KD gradient is again the on-policy one. (TRL applies its correction to the policy term only.)
 
-Refused, with an error that says why: the sft preset (not a policy-gradient method; use TRL's SFTTrainer on
+Refused, with an error that says why: the sft and sft-all presets (not policy-gradient methods; use TRL's SFTTrainer on
 the teacher's correct samples), and kd_kind="full" (kdrl-full): kdrl.py computes it without (B, T, V) logits by
 keeping the teacher's final hidden states and calling its output head chunk by chunk inside the update, which here
 would mean carrying (B, T, H) states through TRL's batch shuffling and calling a head that ZeRO-3 / FSDP shard
@@ -37,7 +37,9 @@ too: kdrl trains text-only models.
 Differences from kdrl.py's own loop, all from TRL: the data order (TRL's seeded sampler, not batch_for_step),
 the sampler (transformers' generate or vLLM, not kdrl.sample_rollouts), checkpoints (TRL's checkpoint-N folders,
 and a final save_pretrained folder <out>/checkpoint), and the step counter: TRL counts optimizer steps, so
-max_steps = steps × μ and β is scheduled at global_step // μ, the kdrl step.
+max_steps = steps × μ and β is scheduled at global_step // μ, the kdrl step. Two more: --resume is TRL's
+resume_from_checkpoint, which does not compare the config with the checkpoint's as kdrl.py does; and the end ids
+are TRL's: the tokenizer's EOS and the student's generation_config ids (kdrl.end_token_ids also adds the teacher's).
 
 Run:  python kdrl_trl.py --student PATH --teacher PATH --train data.jsonl --method kdrl --steps 100
       accelerate launch [--config_file zero3.yaml] kdrl_trl.py ...   (see the README, "Beyond one GPU")
@@ -133,7 +135,7 @@ def _output_head(head):
 class KDRLTrainer(GRPOTrainer):
     """GRPOTrainer whose loss is kdrl.kdrl_loss with a separate teacher. See the module docstring.
 
-    cfg: the KDRLConfig (any kdrl.METHODS preset but sft and kdrl-full); teacher: a model or a local path;
+    cfg: the KDRLConfig (any kdrl.METHODS preset but sft, sft-all and kdrl-full); teacher: a model or a local path;
     reward_fn(prompt, completion, example) -> float as in kdrl.py (1.0 = correct); examples: the rows the
     train_dataset's "kdrl_index" column points into (they reach reward_fn whole, as in kdrl.py).
     """
@@ -321,7 +323,7 @@ def check_supported(cfg: kdrl.KDRLConfig) -> None:
     kdrl.validate_config(cfg)
     if cfg.sft:
         raise kdrl.KDRLError(
-            "--method sft is not a policy-gradient method, so it does not run inside GRPOTrainer: sample the teacher, "
+            f"--method {cfg.method} is not a policy-gradient method, so it does not run inside GRPOTrainer: sample the teacher, "
             "keep its correct responses and train on them with TRL's SFTTrainer (or run kdrl.py --method sft)"
         )
     if cfg.kd_mode == "reward" and cfg.kd_baseline == "loo" and cfg.group_size > 1:

@@ -241,33 +241,38 @@ def test_enum_reward_to_go_gamma1_is_sequence_kl_gradient(data):
     _close(via_loss0, token_reverse)
 
 
-def _pair_kd_grad(student, teacher, V, L, gamma, baseline, weighted=True):
+def _pair_kd_grad(student, teacher, V, L, gamma, baseline, weighted=True, kd_mask="none"):
     """Σ over every ordered pair of sequences (a group of G = 2) of P_i P_j ∇loss (weighted=False: of ∇loss), with
-    kd_mode="reward", zero advantages, the constant normaliser."""
+    kd_mode="reward", zero advantages, the constant normaliser. A sequence is "correct" when its first token is 1,
+    so that kd_mask="response" (KD only on incorrect responses) depends on the response itself."""
     tok, ctx, mask, *_ = _tree(V, L)
     n = tok.shape[0]
     i, j = (x.reshape(-1) for x in torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij"))
     rows = torch.stack([i, j], dim=1).reshape(-1)  # (2 n²,): pair k is rows 2k and 2k + 1
-    cfg = _enum_cfg(L, kd_mode="reward", kd_gamma=gamma, group_size=2, kd_baseline=baseline, beta=1.0)
+    cfg = _enum_cfg(L, kd_mode="reward", kd_gamma=gamma, group_size=2, kd_baseline=baseline, beta=1.0, kd_mask=kd_mask)
     logp = _token_logp(student, tok[rows], ctx[rows], mask[rows])  # (2 n², L)
     tlogp = _token_logp(teacher, tok[rows], ctx[rows], mask[rows])
     P = logp.sum(1).exp().detach()  # (2 n²,)
     pair_prob = (P[0::2] * P[1::2]).repeat_interleave(2)[:, None] if weighted else torch.ones_like(P)[:, None]  # (2 n², 1)
     zeros = torch.zeros(len(rows), dtype=F64)
-    loss, _ = kdrl.kdrl_loss(logp, logp.detach(), tlogp, zeros, mask[rows], torch.zeros(len(rows), dtype=torch.bool), cfg,
-                             1.0, num_seqs=2, token_weight=pair_prob.expand_as(logp))
+    correct = tok[rows, 0] == 1  # (2 n²,)
+    loss, _ = kdrl.kdrl_loss(logp, logp.detach(), tlogp, zeros, mask[rows], correct, cfg, 1.0, num_seqs=2,
+                             token_weight=pair_prob.expand_as(logp))
     return _grad(loss, student)
 
 
 @settings(max_examples=10, **_SETTINGS)
-@given(_tables(2), st.sampled_from([0.0, 0.5, 1.0]))
-@example(_largest_case(2), 1.0)
-def test_enum_leave_one_out_kd_baseline_keeps_the_expected_gradient(data, gamma):
+@given(_tables(2), st.sampled_from([0.0, 0.5, 1.0]), st.sampled_from(["none", "response"]))
+@example(_largest_case(2), 1.0, "none")
+@example(_largest_case(2), 1.0, "response")
+def test_enum_leave_one_out_kd_baseline_keeps_the_expected_gradient(data, gamma, kd_mask):
     """kd_baseline="loo" (kdrl-seq's default) is unbiased, exactly: over every *pair* of sequences (G = 2, each
-    response's baseline is the other's return), E[∇loss] = Σ P_i P_j ∇loss equals the same sum without the
-    baseline, which for γ = 1 is the gradient of the sequence-level reverse KL (test above)."""
+    response's baseline is the other's masked return), E[∇loss] = Σ P_i P_j ∇loss equals the same sum without the
+    baseline (for γ = 1 and no mask, the gradient of the sequence-level reverse KL: test above), also when the KD
+    mask depends on the response's own correctness."""
     V, L, (student, teacher) = data
-    _close(_pair_kd_grad(student, teacher, V, L, gamma, "loo"), _pair_kd_grad(student, teacher, V, L, gamma, "none"))
+    with_loo = _pair_kd_grad(student, teacher, V, L, gamma, "loo", kd_mask=kd_mask)
+    _close(with_loo, _pair_kd_grad(student, teacher, V, L, gamma, "none", kd_mask=kd_mask))
 
 
 def test_leave_one_out_kd_baseline_changes_each_pairs_gradient():
@@ -1567,9 +1572,13 @@ def test_sft_trains_only_on_ended_teacher_samples(tmp_path, method, reward, kept
     def constant_reward(prompt, completion, example):
         return reward
 
-    kdrl.train(cfg, _tiny("llama", len(tok), 0), teacher, tok, data, constant_reward)
+    student = _tiny("llama", len(tok), 0)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    kdrl.train(cfg, student, teacher, tok, data, constant_reward)
     (row,) = _steps(tmp_path / method)
-    assert row["sft_kept"] == kept and row["truncated"] == 0.5
+    assert row["sft_kept"] == kept and row["truncated"] == 0.5 and "zero_adv_frac" not in row
+    moved = any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert moved == (kept > 0)  # nothing kept: no optimizer step at all (AdamW would still move the weights)
 
 
 @pytest.mark.parametrize("rewards, expected", [((1.0, 1.0, 0.0, 1.0), 0.5), ((0.0, 1.0, 1.0, 0.0), 0.0), ((1.0,) * 4, 1.0)])
@@ -1706,9 +1715,12 @@ def test_config_validation_names_the_field(field, value, needle):
     assert needle in str(e.value)
 
 
-def test_full_kl_is_refused_in_reward_mode():
+def test_full_kl_is_refused_in_reward_mode_and_without_a_kd_term():
     with pytest.raises(kdrl.KDRLError, match="kd_kind='full' needs kd_mode='loss'"):
         kdrl.validate_config(kdrl.KDRLConfig.from_method("kdrl-seq", kd_kind="full"))
+    for method in ("grpo", "rlad"):  # β = 0: nothing to compute (it used to crash in the loss, or run the KL for nothing)
+        with pytest.raises(kdrl.KDRLError, match="kd_kind='full' with beta=0"):
+            kdrl.validate_config(kdrl.KDRLConfig.from_method(method, kd_kind="full"))
 
 
 def test_method_presets_are_one_entry_point_and_contradictions_are_refused(pair, tmp_path, capsys):
@@ -1805,6 +1817,18 @@ def test_resume_allows_what_leaves_the_math_alone_and_refuses_fewer_steps(pair, 
     argv = _argv(pair, tmp_path / "run2", "--method", "kdrl", "--steps", "2", "--resume", "--minibatch-size", "2",
                  "--logprob-chunk", "3", "--save-every", "1", "--eval-limit", "2")
     assert kdrl.main(argv) == 0 and len(_steps(tmp_path / "run2")) == 2
+
+
+def test_resume_refuses_a_checkpoint_missing_a_field(pair, one_step_run, tmp_path, capsys):
+    """A checkpoint written before a field existed (here kd_baseline, whose new default changes kdrl-seq's math) is
+    refused rather than resumed with the new default."""
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    path = out / "checkpoint" / "kdrl_config.json"
+    saved = json.loads(path.read_text())
+    del saved["kd_baseline"]
+    path.write_text(json.dumps(saved))
+    _fails(_argv(pair, out, "--method", "kdrl", "--steps", "2", "--resume"), capsys, "kd_baseline (absent from the checkpoint")
 
 
 def test_resume_loads_no_pickled_code(pair, one_step_run, tmp_path, capsys):

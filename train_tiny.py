@@ -88,7 +88,7 @@ class Preset:
     student_steps: int = 400
     """max steps of the student's brief supervised start; it stops early at student_target"""
     student_target: float = 0.2
-    """stop the student's supervised start once greedy ID accuracy on a held-out check reaches this:
+    """stop the student's supervised start once greedy accuracy on a peek at 100 train problems reaches this:
     weak but not hopeless, the regime where the paper says RL explores poorly"""
     check_every: int = 10
     """steps between those accuracy checks (the student's accuracy jumps within a few dozen steps)"""
@@ -117,7 +117,7 @@ PRESETS = {
                     teacher_steps=20, student=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2), student_steps=5,
                     sft_batch=16, rl={**RL_CPU, "steps": 2, "prompts_per_step": 2, "group_size": 2}, arms=(), seeds=1,
                     eval_points=1, eval_subset=8, avg_k=2),
-    "cpu": Preset(rl=RL_CPU, arms=CPU_ARMS, seeds=2),  # 2 seeds fit the 10-minute budget on 2 cores; 3 take about 12
+    "cpu": Preset(rl=RL_CPU, arms=CPU_ARMS, seeds=2),  # 2 seeds fit the 10-minute budget on 2 cores; 3 took 599 s
     "gpu": Preset(rl={**RL_CPU, "steps": 300, "prompts_per_step": 32}, arms=(), seeds=5),  # untested: no GPU lent yet
 }
 # The paper's β (5e-3 → 1e-3) is sized for 1.5B-parameter models whose per-token KL is small and whose GRPO
@@ -259,13 +259,15 @@ def accuracy(model, tok, examples: list[dict], p: Preset, temperature: float = 0
     return sum(scores) / len(scores)
 
 
-def evaluate(model, tok, populations: dict[str, list[dict]], p: Preset, k: int = 0) -> dict:
-    """Greedy accuracy on each population (id_A, id_B, ood_seen, ood_unseen) and the pooled id and ood; with
-    k > 0 also avg@k at the training temperature on id and ood."""
+def evaluate(model, tok, populations: dict[str, list[dict]], p: Preset, k: int = 0, sizes: dict | None = None) -> dict:
+    """Greedy accuracy on each population (id_A, id_B, ood_seen, ood_unseen) and the pooled id and ood, weighted by
+    `sizes` (default: the populations' own sizes; pass the full test's when evaluating on subsets); with k > 0 also
+    avg@k at the training temperature on id and ood."""
     res = {name: accuracy(model, tok, exs, p) for name, exs in populations.items()}
+    sizes = sizes or {name: len(exs) for name, exs in populations.items()}
     for pool, parts in (("id", ("id_A", "id_B")), ("ood", ("ood_seen", "ood_unseen"))):
-        n = sum(len(populations[x]) for x in parts)
-        res[pool] = sum(res[x] * len(populations[x]) for x in parts) / n if n else float("nan")
+        n = sum(sizes[x] for x in parts)
+        res[pool] = sum(res[x] * sizes[x] for x in parts) / n if n else float("nan")
         if k:
             exs = [e for x in parts for e in populations[x]]
             res[f"{pool}_avg@{k}"] = accuracy(model, tok, exs, p, p.rl["temperature"], k)
@@ -329,10 +331,12 @@ def arm_config(arm: str, p: Preset, seed: int, out: Path) -> kdrl.KDRLConfig:
 
 
 def run_arm(arm, p, seed, student0, teacher, tok, data, start: dict, out: Path) -> dict:
-    """Post-train a copy of student0 with `arm`, evaluating eval_points times on the curves' subsets (and at the
-    start, `start`), then fully. Segments are kdrl.train runs resumed from the last one (bit-exact)."""
+    """Post-train a copy of student0 with `arm` in eval_points segments (kdrl.train runs resumed from the last one,
+    bit-exact), evaluating on the curves' subsets after each but the last, and on the full test after the last.
+    `start`: the student's evaluation before post-training, the curve's first point."""
     cfg = arm_config(arm, p, seed, out / f"{arm}-seed{seed}")
     student, wall = copy.deepcopy(student0), 0.0
+    few, full_sizes = subsets(data, p.eval_subset), {name: len(exs) for name, exs in subsets(data).items()}
     curve = [dict(step=0, wall_s=0.0, **start)]
     ends = sorted({round(cfg.steps * (i + 1) / p.eval_points) for i in range(p.eval_points)})
     for i, end in enumerate(ends):
@@ -341,7 +345,7 @@ def run_arm(arm, p, seed, student0, teacher, tok, data, start: dict, out: Path) 
             kdrl.train(replace(cfg, steps=end, resume=i > 0), student, teacher, tok, data["train"], kdrl.math_reward)
         wall += time.time() - t0
         if i + 1 < len(ends):
-            curve.append(dict(step=end, wall_s=wall, **evaluate(student, tok, subsets(data, p.eval_subset), p)))
+            curve.append(dict(step=end, wall_s=wall, **evaluate(student, tok, few, p, sizes=full_sizes)))
     final = evaluate(student, tok, subsets(data), p, k=p.avg_k)
     curve.append(dict(step=ends[-1], wall_s=wall, **final))
     lengths = [json.loads(line)["length"] for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()[-10:]]
@@ -749,7 +753,7 @@ def run_demo(p: Preset, preset: str, arms: list[str], out: Path, device) -> dict
         start = evaluate(student, tok, full, p, k=p.avg_k)
         rows.append(dict(method="student (start)", seed=seed, wall_s=wall, **start))
         print(f"seed {seed} student start: ID {start['id']:.1%} (A {start['id_A']:.1%}, B {start['id_B']:.1%}) | OOD {start['ood']:.1%}")
-        start_few = evaluate(student, tok, few, p)
+        start_few = evaluate(student, tok, few, p, sizes={name: len(exs) for name, exs in full.items()})
         for arm in arms:
             r = run_arm(arm, p, seed, student, teacher, tok, data, start_few, out)
             rows.append(r)
@@ -764,7 +768,7 @@ def run_demo(p: Preset, preset: str, arms: list[str], out: Path, device) -> dict
           f"{len(full['ood_unseen'])}); avg@{p.avg_k} is the mean accuracy of {p.avg_k} samples per problem at T = "
           f"{p.rl['temperature']}. Mean ± standard error over seeds; the last two columns are differences from grpo paired "
           f"by seed. Length: mean response length of the last 10 training steps (sft, sft-all: the teacher's samples). "
-          f"Wall: post-training incl. its curve evaluations (teacher: its supervised training; student: its start).\n\n"
+          f"Wall: post-training, evaluations excluded (teacher: its supervised training; student: its start).\n\n"
           + table(rows, names, k=p.avg_k) + "\n\n"
           + "Paired differences from grpo beyond two standard errors: " + ("; ".join(sig) if sig else "none") + ".\n")
     print("\n" + md)
