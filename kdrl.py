@@ -252,9 +252,9 @@ def validate_config(cfg: KDRLConfig) -> None:
     if cfg.temperature <= 0:  # greedy rollouts are identical within a group (A = 0) and are not samples of π
         raise KDRLError(f"config field temperature={cfg.temperature}: training samples at T > 0 (greedy decoding is for evaluation)")
     if cfg.kd_kind == "full" and cfg.kd_mode == "reward":
-        raise KDRLError("config field kd_kind='full' needs kd_mode='loss' (reward mode uses the sampled-token k1 return)")
+        raise KDRLError("config field kd_kind='full' needs kd_mode='loss' (reward mode uses the sampled-token k1)")
     if cfg.kd_kind == "full" and max(cfg.beta, cfg.beta_min or 0.0) == 0 and not cfg.sft:
-        raise KDRLError("config field kd_kind='full' with beta=0: there is no KD term to compute (use k2, or set beta > 0)")
+        raise KDRLError("config field kd_kind='full' with beta=0: there is no KD term to compute (use k2, or beta > 0)")
     conflicts = method_conflicts(cfg)
     if conflicts:
         raise KDRLError(
@@ -270,9 +270,11 @@ def method_conflicts(cfg: KDRLConfig) -> list[str]:
     out = []
     for name in ("sft", "use_reward", *_DEFINING[m]):
         if getattr(cfg, name) != getattr(preset, name):
-            out.append(f"{name}={getattr(cfg, name)!r} contradicts method={m!r}, which sets {name}={getattr(preset, name)!r}")
+            value, wanted = getattr(cfg, name), getattr(preset, name)
+            out.append(f"{name}={value!r} contradicts method={m!r}, which sets {name}={wanted!r}")
     if (cfg.trrd_alpha is None) != (preset.trrd_alpha is None):
-        out.append(f"trrd_alpha={cfg.trrd_alpha!r} contradicts method={m!r}, which sets trrd_alpha={preset.trrd_alpha!r}")
+        wanted = preset.trrd_alpha
+        out.append(f"trrd_alpha={cfg.trrd_alpha!r} contradicts method={m!r}, which sets trrd_alpha={wanted!r}")
     if m in ("kd", "kdrl", "kdrl-anneal", "kdrl-mask", "kdrl-seq", "kdrl-full") and not cfg.beta > 0:
         out.append(f"beta={cfg.beta!r} contradicts method={m!r}, which needs beta > 0 (beta = 0 is grpo)")
     if m == "kdrl-mask" and cfg.kd_mask == "none":
@@ -345,7 +347,8 @@ class _FullKL(torch.autograd.Function):
         for i in range(0, s.shape[0], chunk_size):
             logp = _vocab_log_softmax(s[i : i + chunk_size], vocab_size)  # (chunk, V) float32
             diff = _vocab_log_softmax(t[i : i + chunk_size], vocab_size).neg_().add_(logp)  # log p − log q
-            out[i : i + chunk_size] = torch.bmm(logp.exp_()[:, None, :], diff[:, :, None]).view(-1)  # Σ_v p (log p − log q)
+            p = logp.exp_()  # (chunk, V), in place
+            out[i : i + chunk_size] = torch.bmm(p[:, None, :], diff[:, :, None]).view(-1)  # Σ_v p (log p − log q)
         ctx.save_for_backward(s, t, out)
         ctx.vocab_size, ctx.chunk_size = vocab_size, chunk_size
         return out
@@ -451,7 +454,7 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool =
     if scale_by_std and group_size > 1:
         centred = centred / (r.std(dim=1, keepdim=True) + torch.ldexp(torch.full_like(r[:, :1], eps), 1 - exponent))
     else:
-        centred = torch.ldexp(centred, exponent - 1)  # Dr.GRPO: back in reward units (overflows only where r − mean does)
+        centred = torch.ldexp(centred, exponent - 1)  # Dr.GRPO: back in reward units (overflows only if r − mean does)
     constant = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
     return torch.where(constant, 0.0, centred).view(-1)
 
@@ -565,7 +568,7 @@ def kdrl_loss(
     kind = cfg.kd_kind if cfg.kd_mode == "loss" else "k1"
     if kind == "full":
         if exact_kl is None:
-            raise ValueError("kdrl_loss: kd_kind='full' needs exact_kl, the per-token KL over the vocabulary (see full_kl)")
+            raise ValueError("kdrl_loss: kd_kind='full' needs exact_kl, the per-token KL over the vocabulary (full_kl)")
         kd_tok = torch.where(mask, exact_kl, 0.0)
     else:
         w = torch.exp(logp.detach() - old_logp)  # π/π_old of the sampled token
@@ -737,8 +740,8 @@ def sample_rollouts(
             rows, attn, next_pos, token = rows[keep], attn[keep], next_pos[keep], token[keep]
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         next_pos = next_pos + 1
-        step_inputs = dict(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos[:, None], use_cache=True)
-        out = model(**step_inputs, **{cache_arg: _returned_cache(out)})
+        step_inputs = dict(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos[:, None])
+        out = model(**step_inputs, use_cache=True, **{cache_arg: _returned_cache(out)})
     if not torch.isfinite(logps).all():
         raise KDRLError("non-finite log-probs while sampling: the model's weights or activations diverged")
     T = t + 1
@@ -884,7 +887,8 @@ def token_logprobs(
             teacher_head, teacher_hidden = kl_teacher
             teacher = (teacher_head, teacher_hidden.reshape(B * T, -1)[where])  # (n, H_T)
         head_fn = torch.nn.Identity() if full else head
-        out = head_logprobs(head_fn, hidden, targets, temperature or 1.0, V, chunk_size, checkpoint=not full, teacher=teacher)
+        out = head_logprobs(head_fn, hidden, targets, temperature or 1.0, V, chunk_size, checkpoint=not full,
+                            teacher=teacher)
         logp = logp.index_put((where,), out[0] if teacher else out)
         if teacher:
             kl = kl.index_put((where,), out[1])
@@ -1018,7 +1022,8 @@ def evaluate(model, tokenizer, examples: list[dict], reward_fn: Callable, cfg: K
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         for name, temp in (("greedy", 0.0), ("sampled", cfg.temperature)):
-            ro = sample_rollouts(model, tokenizer, [ex["prompt"] for ex in chunk], 1, cfg.max_new_tokens, temp, end_ids=end_ids)
+            prompts = [ex["prompt"] for ex in chunk]
+            ro = sample_rollouts(model, tokenizer, prompts, 1, cfg.max_new_tokens, temp, end_ids=end_ids)
             _, correct = score_completions(reward_fn, chunk, decode(tokenizer, ro), 1)
             res[name] += correct.tolist()
             if name == "greedy":
@@ -1098,7 +1103,8 @@ def check_resume_config(saved: dict, cfg: KDRLConfig, path: Path, step: int) -> 
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.name not in saved:  # written by an older kdrl, before this field (and its default) existed
-            diffs.append(f"{f.name} (absent from the checkpoint, which an older kdrl wrote; now {getattr(cfg, f.name)!r}: {flag})")
+            now = getattr(cfg, f.name)
+            diffs.append(f"{f.name} (absent from the checkpoint, which an older kdrl wrote; now {now!r}: {flag})")
         elif saved[f.name] != getattr(cfg, f.name):
             diffs.append(f"{f.name} (checkpoint {saved[f.name]!r}, now {getattr(cfg, f.name)!r}: {flag})")
     if diffs:
@@ -1107,7 +1113,7 @@ def check_resume_config(saved: dict, cfg: KDRLConfig, path: Path, step: int) -> 
             + ". These change the run's math: resume with the checkpoint's values or start a new --out"
         )
     if cfg.steps < step:
-        raise KDRLError(f"--resume: steps={cfg.steps} is below the checkpoint's step {step} ({path}); --steps may only grow")
+        raise KDRLError(f"--resume: steps={cfg.steps} is below the checkpoint's step {step} ({path}); it may only grow")
 
 
 def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = None) -> int:
@@ -1207,7 +1213,8 @@ def policy_update(cfg: KDRLConfig, student, teacher, optimizer, ro: Rollouts, ad
                 )
             if not torch.isfinite(loss):
                 bad = {k: v for k, v in m.items() if not math.isfinite(v)}
-                raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {bad or 'none'})")
+                found = bad or "none"
+                raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {found})")
             loss.backward()
             parts.append((mask[sl].sum().item(), m))
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf")).item()
@@ -1245,7 +1252,9 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
     start = load_checkpoint(out / "checkpoint", student, optimizer, cfg) if cfg.resume else 0
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     metrics_path = out / "metrics.jsonl"
-    kept = [l for l in metrics_path.read_text().splitlines() if _keep_on_resume(json.loads(l), start)] if cfg.resume and metrics_path.exists() else []
+    kept = []
+    if cfg.resume and metrics_path.exists():
+        kept = [line for line in metrics_path.read_text().splitlines() if _keep_on_resume(json.loads(line), start)]
     metrics_path.write_text("".join(l + "\n" for l in kept))
 
     G, V = cfg.group_size, len(tokenizer)
@@ -1265,15 +1274,19 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
                                      cfg.max_new_tokens, cfg.temperature, vocab_size=V, end_ids=end_ids)
             rewards, correct = score_completions(reward_fn, batch, decode(tokenizer, ro), G, cfg.format_bonus)  # 2.
             rewards, correct = rewards.to(device), correct.to(device)
-            adv = grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps) if cfg.use_reward else torch.zeros_like(rewards)  # 3.
+            adv = torch.zeros_like(rewards)  # 3. (no reward: pure distillation)
+            if cfg.use_reward:
+                adv = grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps)
             with timer("teacher"), amp():  # 4. teacher (and old-policy) scores, no grad
                 scores = teacher_pass(cfg, student, teacher, ro, V)
-            student.train(any(getattr(m, "gradient_checkpointing", False) is True for m in student.modules()))  # HF checkpoints only in train mode
+            checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in student.modules())
+            student.train(checkpointing)  # Hugging Face checkpoints activations only in train mode
             if cfg.sft:  # the teacher samples SFT trains on: ended, and correct unless sft_keep="all"
                 keep = (correct if cfg.sft_keep == "correct" else torch.ones_like(correct)) & ~ro.truncated
             with timer("update"), amp():  # 5. μ epochs; each one optimizer step, gradients accumulated over minibatches
-                grad_norm, parts = policy_update(cfg, student, teacher, optimizer, ro, adv, keep if cfg.sft else correct,
-                                                 beta, scores, V, step)
+                trained_on = keep if cfg.sft else correct
+                grad_norm, parts = policy_update(cfg, student, teacher, optimizer, ro, adv, trained_on, beta, scores, V,
+                                                 step)
             student.eval()
         except KDRLError as e:
             where = "" if "at step" in str(e) else f", at step {step}"
@@ -1290,7 +1303,7 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
             row["sft_kept"] = keep.float().mean().item()  # the fraction of the batch's teacher samples trained on
         lengths = mask.sum(1).float()
         if not cfg.sft:
-            row["zero_adv_frac"] = (adv.view(-1, G) == 0).all(dim=1).float().mean().item()  # groups with no policy gradient
+            row["zero_adv_frac"] = (adv.view(-1, G) == 0).all(dim=1).float().mean().item()  # groups with no gradient
         row.update(
             step=step, beta=beta, grad_norm=grad_norm, reward=rewards.mean().item(), acc=correct.float().mean().item(),
             length=lengths.mean().item(), truncated=ro.truncated.float().mean().item(), tokens=ro.attention_mask.sum().item(),
@@ -1314,7 +1327,8 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
         save_checkpoint(out, cfg.steps, student, tokenizer, optimizer, cfg)
     if eval_set:
         with timer("eval"):
-            summary["eval"] = _evaluate_aside(student, tokenizer, eval_set[: cfg.eval_limit], reward_fn, cfg, end_ids, cfg.steps - 1)
+            examples = eval_set[: cfg.eval_limit]
+            summary["eval"] = _evaluate_aside(student, tokenizer, examples, reward_fn, cfg, end_ids, cfg.steps - 1)
         with metrics_path.open("a") as f:
             f.write(json.dumps(dict(step=cfg.steps - 1, eval=True, final=True, **summary["eval"])) + "\n")
     busy = sum(timer.get(k, 0.0) for k in ("sampling", "teacher", "update"))

@@ -323,8 +323,8 @@ def check_supported(cfg: kdrl.KDRLConfig) -> None:
     kdrl.validate_config(cfg)
     if cfg.sft:
         raise kdrl.KDRLError(
-            f"--method {cfg.method} is not a policy-gradient method, so it does not run inside GRPOTrainer: sample the teacher, "
-            "keep its correct responses and train on them with TRL's SFTTrainer (or run kdrl.py --method sft)"
+            f"--method {cfg.method} is not a policy-gradient method, so it does not run inside GRPOTrainer: sample the "
+            "teacher, keep its correct responses and train on them with TRL's SFTTrainer (or run kdrl.py --method sft)"
         )
     if cfg.kd_mode == "reward" and cfg.kd_baseline == "loo" and cfg.group_size > 1:
         raise kdrl.KDRLError(

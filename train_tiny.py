@@ -1,7 +1,7 @@
 """
 train_tiny.py: the KDRL comparison on tiny models, from scratch, with no downloads.
 
-    python train_tiny.py                   # cpu preset without a GPU (2 seeds, about 8 min on 2 cores), gpu preset with one
+    python train_tiny.py                   # cpu preset without a GPU (2 seeds, about 8 min on 2 cores), else gpu
     python train_tiny.py --preset smoke    # about 10 s, tiny everything: checks the plumbing, not the methods
 
 Task: 2-digit addition worked column by column with carries, e.g. `95+98=` → `5+8=13|9+9+1=19|#### 193`,
@@ -110,12 +110,14 @@ class Preset:
     """samples per problem for avg@k at the training temperature, in the final evaluation"""
 
 
-RL_CPU = dict(steps=150, prompts_per_step=8, group_size=8, lr=1e-4, max_new_tokens=28, temperature=1.0, minibatch_size=64)
+RL_CPU = dict(steps=150, prompts_per_step=8, group_size=8, lr=1e-4, max_new_tokens=28, temperature=1.0,
+              minibatch_size=64)
 CPU_ARMS = ("grpo", "kd", "sft", "sft-all", "kdrl-b0.02", "kdrl", "kdrl-b0.5", "kdrl-mask", "rlad")
 PRESETS = {
-    "smoke": Preset(n_train=300, n_val=16, n_test=16, n_ood=16, teacher=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
-                    teacher_steps=20, student=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2), student_steps=5,
-                    sft_batch=16, rl={**RL_CPU, "steps": 2, "prompts_per_step": 2, "group_size": 2}, arms=(), seeds=1,
+    "smoke": Preset(n_train=300, n_val=16, n_test=16, n_ood=16, teacher_steps=20, student_steps=5, sft_batch=16,
+                    teacher=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
+                    student=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
+                    rl={**RL_CPU, "steps": 2, "prompts_per_step": 2, "group_size": 2}, arms=(), seeds=1,
                     eval_points=1, eval_subset=8, avg_k=2),
     "cpu": Preset(rl=RL_CPU, arms=CPU_ARMS, seeds=2),  # 2 seeds fit the 10-minute budget on 2 cores; 3 took 599 s
     "gpu": Preset(rl={**RL_CPU, "steps": 300, "prompts_per_step": 32}, arms=(), seeds=5),  # untested: no GPU lent yet
@@ -241,7 +243,8 @@ def supervised(model, tok, examples: list[dict], steps: int, lr: float, batch: i
 
 
 @torch.no_grad()
-def accuracy(model, tok, examples: list[dict], p: Preset, temperature: float = 0.0, k: int = 1, answer: str = "answer") -> float:
+def accuracy(model, tok, examples: list[dict], p: Preset, temperature: float = 0.0, k: int = 1,
+             answer: str = "answer") -> float:
     """Mean over problems of the fraction of k responses whose answer equals ex[answer] (greedy: k = 1). Sampling
     runs on its own seeded RNG stream, restored afterwards, so evaluating never changes what training samples."""
     if not examples:
@@ -251,7 +254,8 @@ def accuracy(model, tok, examples: list[dict], p: Preset, temperature: float = 0
         torch.manual_seed(0)
         for i in range(0, len(examples), 512):
             chunk = examples[i : i + 512]
-            ro = kdrl.sample_rollouts(model, tok, [ex["prompt"] for ex in chunk], k, p.rl["max_new_tokens"], temperature)
+            prompts = [ex["prompt"] for ex in chunk]
+            ro = kdrl.sample_rollouts(model, tok, prompts, k, p.rl["max_new_tokens"], temperature)
             texts = kdrl.decode(tok, ro)
             for j, ex in enumerate(chunk):
                 gold = dict(ex, answer=ex[answer])
@@ -285,15 +289,16 @@ def reached(model, tok, examples: list[dict], p: Preset, target: float, answer: 
 
 def get_teacher(p: Preset, tok, data, cache_dir: Path, device):
     """Train the teacher on the carry-dropping solutions, or load it from cache/teacher-<hash of its settings>."""
-    key = dict(arch=p.teacher, steps=p.teacher_steps, target=p.teacher_target, lr=p.sft_lr, batch=p.sft_batch, digits=p.digits,
-               n_train=p.n_train, vocab=VOCAB, check="train100", bug="drop-carry-in-region-B")
+    key = dict(arch=p.teacher, steps=p.teacher_steps, target=p.teacher_target, lr=p.sft_lr, batch=p.sft_batch,
+               digits=p.digits, n_train=p.n_train, vocab=VOCAB, check="train100", bug="drop-carry-in-region-B")
     path = cache_dir / ("teacher-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
     if (path / "meta.json").exists():
         print(f"teacher: cached at {path}")
         return LlamaForCausalLM.from_pretrained(path).to(device).eval().requires_grad_(False), json.loads((path / "meta.json").read_text())
     t0, model = time.time(), new_model(tok, p.teacher, seed=0).to(device)
     check = reached(model, tok, data["train"], p, p.teacher_target, answer="teacher_answer")
-    supervised(model, tok, data["train"], p.teacher_steps, p.sft_lr, p.sft_batch, 0, "teacher (supervised, carry-dropping)", check,
+    desc = "teacher (supervised, carry-dropping)"
+    supervised(model, tok, data["train"], p.teacher_steps, p.sft_lr, p.sft_batch, 0, desc, check,
                target="teacher_solution")
     meta = dict(train_s=time.time() - t0, settings=key)
     model.save_pretrained(path)
@@ -306,8 +311,8 @@ def get_student(p: Preset, tok, data, seed: int, device):
     """A fresh small student with its brief supervised start on *correct* solutions; (model, seconds)."""
     t0, model = time.time(), new_model(tok, p.student, seed=100 + seed).to(device)
     check = reached(model, tok, data["train"], p, p.student_target, answer="answer")
-    supervised(model, tok, data["train"], p.student_steps, p.sft_lr, p.sft_batch, seed, f"student seed {seed} (supervised)", check,
-               p.check_every)
+    desc = f"student seed {seed} (supervised)"
+    supervised(model, tok, data["train"], p.student_steps, p.sft_lr, p.sft_batch, seed, desc, check, p.check_every)
     return model, time.time() - t0
 
 
@@ -349,7 +354,8 @@ def run_arm(arm, p, seed, student0, teacher, tok, data, start: dict, out: Path) 
     final = evaluate(student, tok, subsets(data), p, k=p.avg_k)
     curve.append(dict(step=ends[-1], wall_s=wall, **final))
     lengths = [json.loads(line)["length"] for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()[-10:]]
-    return dict(method=arm, seed=seed, wall_s=wall, beta=cfg.beta, length=sum(lengths) / len(lengths), curve=curve, **final)
+    length = sum(lengths) / len(lengths)
+    return dict(method=arm, seed=seed, wall_s=wall, beta=cfg.beta, length=length, curve=curve, **final)
 
 # -----------------------------------------------------------------------------
 # Reporting: table (mean ± standard error over seeds), JSON, curves.
@@ -386,7 +392,8 @@ def table(rows: list[dict], names: list[str], baseline: str = "grpo", k: int = 4
         cells = [mean_se([100 * r[key] for r in rs], "{:.1f}") for key, _ in COLUMNS]
         for key in (f"id_avg@{k}", f"ood_avg@{k}"):
             cells.append(mean_se([100 * r[key] for r in rs], "{:.1f}") if key in rs[0] else "—")
-        cells += [mean_se([r["length"] for r in rs], "{:.1f}") if "length" in rs[0] else "—", mean_se([r["wall_s"] for r in rs], "{:.0f}")]
+        cells.append(mean_se([r["length"] for r in rs], "{:.1f}") if "length" in rs[0] else "—")
+        cells.append(mean_se([r["wall_s"] for r in rs], "{:.0f}"))
         for key in ("id", "id_B"):
             diffs = paired(rows, name, key, baseline)
             show = name not in (baseline, "teacher", "student (start)") and len(diffs) == len(rs)
@@ -419,8 +426,8 @@ def plot(out: Path, rows: list[dict], arms: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-    panels = [("id", "ID accuracy (%)"), ("id_A", "ID region A accuracy (%)"), ("id_B", "ID region B accuracy (%) (teacher: bug)"),
-              ("ood", "OOD accuracy (%)")]
+    panels = [("id", "ID accuracy (%)"), ("id_A", "ID region A accuracy (%)"),
+              ("id_B", "ID region B accuracy (%) (teacher: bug)"), ("ood", "OOD accuracy (%)")]
     for i, arm in enumerate(arms):
         rs = [r for r in rows if r["method"] == arm]
         if not rs:
@@ -452,8 +459,9 @@ def _band(ax, xs: list[float], ys: list[list[float]], label: str, color: str) ->
     ax.plot(xs, mean, marker="o", ms=2, lw=1.2, label=label, color=color)
     if n > 1:
         se = [math.sqrt(sum((y[i] - mean[i]) ** 2 for y in ys) / (n - 1) / n) for i in range(len(xs))]
-        ax.fill_between(xs, [m - s for m, s in zip(mean, se, strict=True)], [m + s for m, s in zip(mean, se, strict=True)],
-                        color=color, alpha=0.12)
+        low = [m - s for m, s in zip(mean, se, strict=True)]
+        high = [m + s for m, s in zip(mean, se, strict=True)]
+        ax.fill_between(xs, low, high, color=color, alpha=0.12)
 
 
 def _kl_curve(run: Path, window: int = 10) -> list[float]:
@@ -481,8 +489,9 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list
     for method in ("grpo", "kdrl"):
         student = copy.deepcopy(model)  # the teacher stays the untouched model
         out = Path(tempfile.mkdtemp(prefix=f"kdrl-bench-{method}-"))
-        cfg = kdrl.KDRLConfig.from_method(method, steps=steps + warmup, group_size=8, prompts_per_step=8, max_new_tokens=48,
-                                          temperature=1.0, mu=1, minibatch_size=64, lr=1e-6, out=str(out), progress=False)
+        cfg = kdrl.KDRLConfig.from_method(method, steps=steps + warmup, group_size=8, prompts_per_step=8,
+                                          max_new_tokens=48, temperature=1.0, mu=1, minibatch_size=64, lr=1e-6,
+                                          out=str(out), progress=False)
         kdrl.train(cfg, student, model, tok, data, kdrl.math_reward)
         rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if not r.get("eval")][warmup:]
         shutil.rmtree(out, ignore_errors=True)
@@ -591,7 +600,8 @@ def large_vocab_tokenizer() -> PreTrainedTokenizerFast:
     t.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     t.decoder = decoders.Fuse()
     t.add_special_tokens([AddedToken(x, special=True, normalized=False) for x in specials])
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
+    specials = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, **specials)
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -605,9 +615,10 @@ def save_large_vocab_pair(out: Path, hidden_size: int = 32, layers: int = 1, see
     end_ids = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     for i, (name, width) in enumerate(LARGE_WIDTHS.items()):
         torch.manual_seed(seed + i)
-        config = Qwen2Config(vocab_size=width, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
-                             eos_token_id=end_ids, pad_token_id=tok.pad_token_id, bos_token_id=None)
+        config = Qwen2Config(vocab_size=width, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                             num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                             max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=end_ids,
+                             pad_token_id=tok.pad_token_id, bos_token_id=None)
         model = Qwen2ForCausalLM(config)
         model.generation_config = GenerationConfig(eos_token_id=end_ids, pad_token_id=tok.pad_token_id)
         model.save_pretrained(out / name)
@@ -646,11 +657,14 @@ def _memory_case(pair: str, method: str, batch: int, length: int, queue) -> None
     teacher = AutoModelForCausalLM.from_pretrained(Path(pair) / "teacher", dtype=torch.float32).to(device).eval()
     teacher.requires_grad_(False)
     V, P = len(tok), 16
-    cfg = kdrl.KDRLConfig.from_method(method, group_size=8, prompts_per_step=batch // 8, max_new_tokens=length, minibatch_size=64, lr=1e-6)
+    cfg = kdrl.KDRLConfig.from_method(method, group_size=8, prompts_per_step=batch // 8, max_new_tokens=length,
+                                      minibatch_size=64, lr=1e-6)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, V - 22, (batch, P + length), generator=g).to(device)  # ordinary tokens, no end id
     mask = torch.ones(batch, length, dtype=torch.bool, device=device)
-    ro = kdrl.Rollouts(ids, torch.ones_like(ids), mask, torch.zeros(batch, length, device=device), torch.ones(batch, dtype=torch.bool, device=device))
+    sampler_logprobs = torch.zeros(batch, length, device=device)  # (B, T), unused by the update
+    truncated = torch.ones(batch, dtype=torch.bool, device=device)  # (B,)
+    ro = kdrl.Rollouts(ids, torch.ones_like(ids), mask, sampler_logprobs, truncated)
     correct = torch.rand(batch, generator=g).lt(0.5).to(device)
     adv = kdrl.grpo_advantages(correct.double(), 8).float()
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
@@ -741,18 +755,22 @@ def run_demo(p: Preset, preset: str, arms: list[str], out: Path, device) -> dict
     tok, data = char_tokenizer(), make_splits(p)
     full, few = subsets(data), subsets(data, p.eval_subset)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in full.items())
-    print(f"preset {preset} | {len(data['train'])} train, {len(data['val'])} val | test: {sizes} | arms: {', '.join(arms)} | "
-          f"{p.seeds} seed(s) | e.g. {data['train'][0]['prompt']}{data['train'][0]['solution']}")
+    first = data["train"][0]
+    print(f"preset {preset} | {len(data['train'])} train, {len(data['val'])} val | test: {sizes} | "
+          f"arms: {', '.join(arms)} | {p.seeds} seed(s) | e.g. {first['prompt']}{first['solution']}")
     teacher, meta = get_teacher(p, tok, data, out / "cache", device)
     rows = [dict(method="teacher", seed=0, wall_s=meta["train_s"], **evaluate(teacher, tok, full, p, k=p.avg_k))]
-    print(f"teacher: ID A {rows[0]['id_A']:.1%} | ID B {rows[0]['id_B']:.1%} (carry-dropping by design) | OOD {rows[0]['ood']:.1%}")
+    taught = rows[0]
+    print(f"teacher: ID A {taught['id_A']:.1%} | ID B {taught['id_B']:.1%} (carry-dropping by design) | "
+          f"OOD {taught['ood']:.1%}")
     if preset != "smoke" and not (rows[0]["id_A"] >= 0.8 and rows[0]["id_B"] <= 0.2):
         print("warning: the teacher is not 'strong on A, wrong on B' as designed; the comparison below tests nothing")
     for seed in range(p.seeds):
         student, wall = get_student(p, tok, data, seed, device)
         start = evaluate(student, tok, full, p, k=p.avg_k)
         rows.append(dict(method="student (start)", seed=seed, wall_s=wall, **start))
-        print(f"seed {seed} student start: ID {start['id']:.1%} (A {start['id_A']:.1%}, B {start['id_B']:.1%}) | OOD {start['ood']:.1%}")
+        print(f"seed {seed} student start: ID {start['id']:.1%} (A {start['id_A']:.1%}, B {start['id_B']:.1%}) | "
+              f"OOD {start['ood']:.1%}")
         start_few = evaluate(student, tok, few, p, sizes={name: len(exs) for name, exs in full.items()})
         for arm in arms:
             r = run_arm(arm, p, seed, student, teacher, tok, data, start_few, out)
@@ -764,17 +782,19 @@ def run_demo(p: Preset, preset: str, arms: list[str], out: Path, device) -> dict
     sig = significant(rows, arms)
     md = (f"# Results: preset `{preset}`, device {device}, {p.seeds} seed(s), total {total:.0f}s\n\n"
           f"Greedy accuracy (%) on {len(data['test'])} ID test problems (region A: {len(full['id_A'])}, region B: "
-          f"{len(full['id_B'])}) and {len(data['ood'])} OOD problems (seen steps: {len(full['ood_seen'])}, an unseen step: "
-          f"{len(full['ood_unseen'])}); avg@{p.avg_k} is the mean accuracy of {p.avg_k} samples per problem at T = "
-          f"{p.rl['temperature']}. Mean ± standard error over seeds; the last two columns are differences from grpo paired "
-          f"by seed. Length: mean response length of the last 10 training steps (sft, sft-all: the teacher's samples). "
+          f"{len(full['id_B'])}) and {len(data['ood'])} OOD problems (seen steps: {len(full['ood_seen'])}, "
+          f"an unseen step: {len(full['ood_unseen'])}); avg@{p.avg_k} is the mean accuracy of {p.avg_k} samples per "
+          f"problem at T = {p.rl['temperature']}. Mean ± standard error over seeds; the last two columns are "
+          f"differences from grpo paired by seed. Length: mean response length of the last 10 training steps "
+          f"(sft, sft-all: the teacher's samples). "
           f"Wall: post-training, evaluations excluded (teacher: its supervised training; student: its start).\n\n"
           + table(rows, names, k=p.avg_k) + "\n\n"
           + "Paired differences from grpo beyond two standard errors: " + ("; ".join(sig) if sig else "none") + ".\n")
     print("\n" + md)
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(dict(preset=preset, device=str(device), settings=asdict(p), demo_scale=DEMO_SCALE,
-                                                      beta_arms=BETA_ARMS, rows=rows), indent=2))
+    raw = dict(preset=preset, device=str(device), settings=asdict(p), demo_scale=DEMO_SCALE, beta_arms=BETA_ARMS,
+               rows=rows)
+    (out / "results.json").write_text(json.dumps(raw, indent=2))
     plot(out, rows, arms)
     return dict(rows=rows, out=str(out), significant=sig)
 
@@ -789,14 +809,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", choices=list(PRESETS), default=None, help="default: gpu if CUDA is available, else cpu")
     ap.add_argument("--out", default="runs/tiny", help="output directory (the teacher cache lives in <out>/cache)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's)")
-    ap.add_argument("--methods", default=None, help=f"comma-separated arms (default: the preset's); choose from {arm_names}")
-    ap.add_argument("--lr-grid", default=None, metavar="LRS", help="comma-separated lrs: run GRPO at each, print validation accuracy, exit")
+    ap.add_argument("--methods", default=None,
+                    help=f"comma-separated arms (default: the preset's); choose from {arm_names}")
+    ap.add_argument("--lr-grid", default=None, metavar="LRS",
+                    help="comma-separated lrs: run GRPO at each, print its validation accuracy, exit")
     ap.add_argument("--bench", action="store_true", help="time GRPO and KDRL steps in the speed-anchor setting instead (see bench)")
     ap.add_argument("--bench-model", default=None, help="with --bench: a saved causal LM to use as student and teacher (default: build the anchor model)")
     ap.add_argument("--bench-trl", action="store_true",
                     help="--bench through TRL too: plain GRPOTrainer, kdrl_trl grpo and kdrl (requirements-trl.txt)")
     ap.add_argument("--bench-memory", action="store_true",
-                    help="peak memory and time of one kdrl vs kdrl-full step on a 151,665-token vocabulary (see bench_memory)")
+                    help="peak memory and time of a kdrl vs kdrl-full step, 151,665-token vocabulary (bench_memory)")
     ap.add_argument("--save-pair", metavar="DIR", default=None,
                     help="save a tiny random student/teacher pair and train.jsonl to DIR, then exit")
     args = ap.parse_args(argv)
@@ -810,7 +832,8 @@ def main(argv=None) -> dict:
         return dict(bench=bench(args.bench_model))
     if args.preset is None:
         args.preset = "gpu" if torch.cuda.is_available() else "cpu"
-        print("GPU found: using the gpu preset" if args.preset == "gpu" else "no GPU found: using the cpu preset (--preset gpu/smoke to override)")
+        found = "GPU found: using the gpu preset"
+        print(found if args.preset == "gpu" else "no GPU found: using the cpu preset (--preset gpu/smoke to override)")
     p = PRESETS[args.preset]
     p = replace(p, seeds=args.seeds or p.seeds)
     device, out = torch.device("cuda" if torch.cuda.is_available() else "cpu"), Path(args.out)
