@@ -820,6 +820,12 @@ def _logits_need_full_path(model) -> Optional[str]:
     return None
 
 
+def check_logits_rebuildable(model) -> None:
+    """kd_kind="full" rebuilds logits from final hidden states and the output head; refuse a model where it can't."""
+    if reason := _logits_need_full_path(model):
+        raise KDRLError(f"kd_kind='full' rebuilds each model's logits from its hidden states, but {reason}: use k2")
+
+
 def token_logprobs(
     model,
     input_ids: torch.Tensor,
@@ -859,9 +865,9 @@ def token_logprobs(
     mask = response_mask.bool()
     lengths = mask.sum(1)
     head = model.get_output_embeddings()
-    full = _logits_need_full_path(model)
-    if full and (return_hidden or kl_teacher is not None):
-        raise KDRLError(f"kd_kind='full' rebuilds each model's logits from its hidden states, but {full}: use k2")
+    full = _logits_need_full_path(model) is not None
+    if return_hidden or kl_teacher is not None:
+        check_logits_rebuildable(model)
     hidden, targets, where = [], [], []
     for idx in _length_buckets(lengths, length_buckets):
         L = int(lengths[idx].max()) if len(idx) else 0  # this bucket's longest response
@@ -878,8 +884,8 @@ def token_logprobs(
         where.append((idx[:, None] * T + torch.arange(L, device=idx.device))[m])  # (n,) flat index into (B, T)
     device = input_ids.device
     logp = torch.zeros(B * T, dtype=torch.float32, device=device)  # (B·T,)
-    kl = torch.zeros(B * T, dtype=torch.float32, device=device)  # (B·T,)
-    states = torch.zeros(B * T, model.config.hidden_size, device=device) if return_hidden else None  # (B·T, H)
+    kl = torch.zeros(B * T, dtype=torch.float32, device=device) if kl_teacher is not None else None  # (B·T,)
+    states = None  # (B·T, H) for return_hidden
     if hidden:
         hidden, targets, where = torch.cat(hidden), torch.cat(targets), torch.cat(where)  # (n, H), (n,), (n,)
         teacher = None
@@ -893,8 +899,10 @@ def token_logprobs(
         if teacher:
             kl = kl.index_put((where,), out[1])
         if return_hidden:
-            states = states.to(hidden.dtype).index_put((where,), hidden)
+            states = hidden.new_zeros(B * T, hidden.shape[-1]).index_put_((where,), hidden)
     if return_hidden:
+        if states is None:  # no response token at all
+            states = torch.zeros(B * T, model.config.hidden_size, device=device)
         return logp.view(B, T), states.view(B, T, -1)  # (B, T), (B, T, H)
     if kl_teacher is not None:
         return logp.view(B, T), kl.view(B, T)  # (B, T), (B, T)
@@ -1259,9 +1267,8 @@ def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], r
 
     G, V = cfg.group_size, len(tokenizer)
     end_ids = end_token_ids(tokenizer, student, teacher)
-    for model in (student, teacher) if _full_kd(cfg) else ():
-        if reason := _logits_need_full_path(model):
-            raise KDRLError(f"kd_kind='full' rebuilds each model's logits from its hidden states, but {reason}: use k2")
+    for model in (student, teacher) if _full_kd(cfg) else ():  # before any step, not at the first teacher pass
+        check_logits_rebuildable(model)
     timer, n_tokens, summary = Timer(), 0, {}
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress, dynamic_ncols=True)
     for step in bar:
