@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import pickle
@@ -81,7 +83,8 @@ class KDRLConfig:
     """compute dtype: "auto" (bfloat16 autocast on cuda, float32 on cpu), "float32" or "bfloat16"; the student's
     weights and AdamW state stay float32 (a 1e-6 step would round away in bf16 weights), the teacher is stored in it"""
     gradient_checkpointing: bool = False
-    """recompute the student's activations in the backward pass to save memory (the update then runs in train mode, dropout zeroed)"""
+    """recompute the student's activations in the backward pass to save memory (the update then runs in train
+    mode, dropout zeroed)"""
     resume: bool = False
     """continue from <out>/checkpoint"""
     save_every: int = 0
@@ -91,7 +94,9 @@ class KDRLConfig:
     eval_limit: int = 256
     """evaluate on at most this many eval prompts"""
     progress: bool = True
-    """show tqdm progress bars"""
+    """show tqdm progress bars (without them, one `|`-separated line of metrics is printed per step)"""
+    log_every: int = 10
+    """with a progress bar, also print one `|`-separated line of metrics every N steps (0: never)"""
     # --- sampling ---
     prompts_per_step: int = 8
     """prompts per step; the batch holds prompts_per_step × group_size responses"""
@@ -124,7 +129,8 @@ class KDRLConfig:
     beta_decay_steps: int = 0
     """annealing length in steps (0: constant β)"""
     kd_mode: str = "loss"
-    """"loss": β × a per-token KL estimate is added to the loss; "reward": β × KL reward-to-go joins the advantage"""
+    """"loss": β × a per-token KL estimate is added to the loss; "reward": β × KL reward-to-go joins the
+    advantage"""
     kd_kind: str = "k2"
     """loss-mode estimator: "k1", "k2" (paper), "k3", or "full" (exact KL over the vocabulary)"""
     kd_gamma: float = 1.0
@@ -155,7 +161,8 @@ class KDRLConfig:
     mu: int = 1
     """μ, optimisation epochs per batch; μ = 1 is on-policy (the GRPO ratio is exactly 1)"""
     minibatch_size: int = 64
-    """responses per forward/backward, rounded down to whole groups (at least one); gradients are accumulated, so this bounds memory only"""
+    """responses per forward/backward, rounded down to whole groups (at least one); gradients are accumulated, so
+    this bounds memory only"""
     logprob_chunk: int = 256
     """positions per chunk when computing log-probs over the vocabulary"""
 
@@ -223,7 +230,8 @@ def validate_config(cfg: KDRLConfig) -> None:
             raise KDRLError(f"config field {name}={getattr(cfg, name)!r}: must be one of {choices}")
     if cfg.method not in METHODS:
         raise KDRLError(f"config field method={cfg.method!r}: must be one of {tuple(METHODS)}")
-    for name in ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "minibatch_size", "logprob_chunk"):
+    counts = ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "minibatch_size", "logprob_chunk")
+    for name in counts:
         if getattr(cfg, name) < 1:
             raise KDRLError(f"config field {name}={getattr(cfg, name)}: must be >= 1")
     # `not x >= 0` rather than `x < 0`, so that NaN is refused too
@@ -241,16 +249,21 @@ def validate_config(cfg: KDRLConfig) -> None:
         ("save_every", cfg.save_every >= 0, ">= 0"),
         ("eval_every", cfg.eval_every >= 0, ">= 0"),
         ("eval_limit", cfg.eval_limit >= 1, ">= 1"),
+        ("log_every", cfg.log_every >= 0, ">= 0 (0: no metrics lines beside the progress bar)"),
     ]
     for name, ok, rule in ranges:
         if not ok:
             raise KDRLError(f"config field {name}={getattr(cfg, name)}: must be {rule}")
     if cfg.beta_min is not None and not 0 <= cfg.beta_min <= cfg.beta:
-        raise KDRLError(f"config field beta_min={cfg.beta_min}: must be in [0, beta={cfg.beta}] (annealing decays β)")
+        raise KDRLError(
+            f"config field beta_min={cfg.beta_min}: must be in [0, beta={cfg.beta}] (annealing decays β)"
+        )
     if cfg.trrd_alpha is not None and not 0.0 <= cfg.trrd_alpha <= 1.0:
         raise KDRLError(f"config field trrd_alpha={cfg.trrd_alpha}: must be in [0, 1]")
     if cfg.temperature <= 0:  # greedy rollouts are identical within a group (A = 0) and are not samples of π
-        raise KDRLError(f"config field temperature={cfg.temperature}: training samples at T > 0 (greedy decoding is for evaluation)")
+        raise KDRLError(
+            f"config field temperature={cfg.temperature}: training samples at T > 0 (greedy decoding is for evaluation)"
+        )
     if cfg.kd_kind == "full" and cfg.kd_mode == "reward":
         raise KDRLError("config field kd_kind='full' needs kd_mode='loss' (reward mode uses the sampled-token k1)")
     if cfg.kd_kind == "full" and max(cfg.beta, cfg.beta_min or 0.0) == 0 and not cfg.sft:
@@ -265,32 +278,34 @@ def validate_config(cfg: KDRLConfig) -> None:
 
 def method_conflicts(cfg: KDRLConfig) -> list[str]:
     """The fields whose value contradicts cfg.method, each as "beta=0.01 contradicts method='grpo', ...", or []."""
-    preset = KDRLConfig(**METHODS[cfg.method])
-    m = cfg.method
+    method = cfg.method
+    preset = KDRLConfig(**METHODS[method])
     out = []
-    for name in ("sft", "use_reward", *_DEFINING[m]):
+    for name in ("sft", "use_reward", *_DEFINING[method]):
         if getattr(cfg, name) != getattr(preset, name):
             value, wanted = getattr(cfg, name), getattr(preset, name)
-            out.append(f"{name}={value!r} contradicts method={m!r}, which sets {name}={wanted!r}")
+            out.append(f"{name}={value!r} contradicts method={method!r}, which sets {name}={wanted!r}")
     if (cfg.trrd_alpha is None) != (preset.trrd_alpha is None):
         wanted = preset.trrd_alpha
-        out.append(f"trrd_alpha={cfg.trrd_alpha!r} contradicts method={m!r}, which sets trrd_alpha={wanted!r}")
-    if m in ("kd", "kdrl", "kdrl-anneal", "kdrl-mask", "kdrl-seq", "kdrl-full") and not cfg.beta > 0:
-        out.append(f"beta={cfg.beta!r} contradicts method={m!r}, which needs beta > 0 (beta = 0 is grpo)")
-    if m == "kdrl-mask" and cfg.kd_mask == "none":
-        out.append(f"kd_mask='none' contradicts method={m!r}, which needs kd_mask 'response' (or 'group')")
-    if m == "kdrl-anneal" and (cfg.beta_min is None or cfg.beta_decay_steps < 1):
-        out.append(f"beta_min={cfg.beta_min!r}, beta_decay_steps={cfg.beta_decay_steps} contradict method={m!r}, "
-                   "which needs a beta_min and beta_decay_steps >= 1")
+        out.append(f"trrd_alpha={cfg.trrd_alpha!r} contradicts method={method!r}, which sets trrd_alpha={wanted!r}")
+    if method in ("kd", "kdrl", "kdrl-anneal", "kdrl-mask", "kdrl-seq", "kdrl-full") and not cfg.beta > 0:
+        out.append(f"beta={cfg.beta!r} contradicts method={method!r}, which needs beta > 0 (beta = 0 is grpo)")
+    if method == "kdrl-mask" and cfg.kd_mask == "none":
+        out.append(f"kd_mask='none' contradicts method={method!r}, which needs kd_mask 'response' (or 'group')")
+    if method == "kdrl-anneal" and (cfg.beta_min is None or cfg.beta_decay_steps < 1):
+        out.append(f"beta_min={cfg.beta_min!r}, beta_decay_steps={cfg.beta_decay_steps} contradict "
+                   f"method={method!r}, which needs a beta_min and beta_decay_steps >= 1")
     return out
 
 
 def field_docs(cls) -> dict[str, str]:
     """The one-line docstring under each dataclass field, read from the source (used for --help)."""
-    docs, body = {}, ast.parse(inspect.getsource(cls)).body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = nxt.value.value.strip()
+    docs = {}
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # the class's statements
+    for node, following in itertools.pairwise(body):
+        is_docstring = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and is_docstring:
+            docs[node.target.id] = following.value.value.strip()
     return docs
 
 
@@ -301,6 +316,8 @@ def field_docs(cls) -> dict[str, str]:
 def kl_estimate(logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str, clamp: float = 20.0) -> torch.Tensor:
     """Per-token estimate of KL(π ‖ π_T) from the log-probs of the sampled tokens. Any shape in, same shape out.
 
+    k1, k2 and k3 are the estimators of J. Schulman's note "Approximating KL Divergence" (2020),
+    http://joschu.net/blog/kl-approx.html, written for their *values*; as losses, their gradients differ:
     With d = logp − teacher_logp (teacher detached: it is a constant, even if it requires grad):
       k1 = d               value: unbiased for KL.    gradient as a loss: **zero** in expectation
                            (E_π[∇log π] = 0), so on its own it is pure noise.
@@ -367,7 +384,10 @@ class _FullKL(torch.autograd.Function):
 
 
 def full_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_size: Optional[int] = None, chunk_size: int = 1024
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    vocab_size: Optional[int] = None,
+    chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Exact per-position KL(π ‖ π_T) = Σ_v p_v (log p_v − log q_v) over the vocabulary. (..., V) → (...).
 
@@ -383,7 +403,9 @@ def full_kl(
     """
     s, t = student_logits, teacher_logits
     if s.shape[:-1] != t.shape[:-1]:
-        raise ValueError(f"full_kl: student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ before the vocab dim")
+        raise ValueError(
+            f"full_kl: student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ before the vocab dim"
+        )
     if vocab_size is None:
         if s.shape[-1] != t.shape[-1]:
             raise ValueError(
@@ -398,8 +420,11 @@ def full_kl(
     return out.reshape(lead)
 
 
-def kl_reward_to_go(logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-token KD return G_t = Σ_{t'≥t} γ^(t'−t) (teacher_logp − logp)_{t'} within each response. (B, T) → (B, T).
+def kl_reward_to_go(
+    logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Per-token KD return G_t = Σ_{t'≥t} γ^(t'−t) (teacher_logp − logp)_{t'} within each response.
+    (B, T) → (B, T).
 
     The reward −d_t = log π_T − log π is on-policy distillation's per-token reward (used with γ = 0); MiniLLM's
     sequence-level objective is γ = 1. Masked positions add nothing and get G = 0; the result is detached (it is
@@ -432,7 +457,9 @@ def leave_one_out_baseline(returns: torch.Tensor, group_size: int) -> torch.Tens
     return (others / (group_size - 1)).view_as(returns)
 
 
-def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(
+    rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """GRPO's sequence advantage A_i = (R_i − mean_g) / (std_g + eps). (B,) → (B,), groups contiguous.
 
     std is the sample std (Bessel-corrected, like torch.std, TRL and verl); eps = 1e-6 is added to it, so
@@ -442,7 +469,9 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool =
     of order 1 without eps (±0.8) and still nonzero with it (about 0.007 for G = 8 in float32).
     """
     if rewards.ndim != 1 or rewards.shape[0] % group_size:
-        raise ValueError(f"grpo_advantages: rewards {tuple(rewards.shape)} is not a flat batch of groups of {group_size}")
+        raise ValueError(
+            f"grpo_advantages: rewards {tuple(rewards.shape)} is not a flat batch of groups of {group_size}"
+        )
     r = rewards.view(-1, group_size)  # (num_groups, G)
     # Rewards above ~1e154 (float64) or ~1e19 (float32) would overflow the variance, and tiny ones underflow it.
     # Each group is first divided by the power of two 2^k with 2^k <= max |r| < 2^(k+1): exact in floating point,
@@ -467,8 +496,11 @@ def beta_schedule(step: int, beta: float, beta_min: Optional[float] = None, deca
     return beta + (beta_min - beta) * min(step / decay_steps, 1.0)
 
 
-def _aggregate(x: torch.Tensor, mask: torch.Tensor, loss_agg: str, num_tokens, num_seqs, max_new_tokens: int) -> torch.Tensor:
-    """Sum of x over response tokens, normalised by the *full batch's* count (so minibatch grads add up)."""
+def _aggregate(
+    x: torch.Tensor, mask: torch.Tensor, loss_agg: str, num_tokens: float, num_seqs: int, max_new_tokens: int
+) -> torch.Tensor:
+    """Sum of x (B, T) over response tokens, normalised by the *full batch's* count (so minibatch grads add up).
+    → a scalar."""
     x = torch.where(mask, x, 0.0)  # where, not multiply: padded positions may hold inf/nan
     if loss_agg == "token-mean":
         return x.sum() / num_tokens
@@ -492,6 +524,62 @@ def kd_response_mask(correct: torch.Tensor, kd_mask: str, group_size: int) -> to
     raise ValueError(f"kd_mask must be 'none', 'response' or 'group', got {kd_mask!r}")
 
 
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_eps_low: float, clip_eps_high: float
+) -> torch.Tensor:
+    """GRPO's (PPO's) clipped surrogate per token, min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A): the objective
+    J_GRPO maximises, token by token (KDRL keeps it as is; RLAD changes only ρ). (B, T), (B, T) → (B, T)."""
+    clipped_ratio = ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high)  # (B, T)
+    return torch.minimum(ratio * advantages, clipped_ratio * advantages)
+
+
+def trrd_log_ratio(
+    logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float, clamp: float = 1.0
+) -> torch.Tensor:
+    """log ρ of RLAD's Trust-Region Ratio Distillation (Zhang et al. 2026, https://arxiv.org/abs/2602.22495):
+    ρ_TRRD = (π/π_old)^α · (π/π_T)^(1−α), with log(π/π_T) clamped to [−c, c] (paper: α = 0.5, c = 1).
+    (B, T) each → (B, T); old_logp and teacher_logp are constants.
+
+    α = 1 is exactly GRPO's log(π/π_old). The ratio is not 1 even at μ = 1, so the clip is active from the first
+    step. The hard clamp passes no gradient outside [−c, c]: there the token's gradient falls to α ∇log π."""
+    log_ratio_old = logp - old_logp.detach()  # (B, T)
+    log_ratio_teacher = (logp - teacher_logp.detach()).clamp(-clamp, clamp)  # (B, T)
+    return alpha * log_ratio_old + (1 - alpha) * log_ratio_teacher
+
+
+def kd_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """KDRL's per-token KD term (kd_mode="loss"): w_t · k_t, the KL estimate k_t = kl_estimate(kind) of the sampled
+    token weighted by w_t = π/π_old (detached). (B, T) each → (B, T). Aggregated and times β, it is the
+    β · KL(π ‖ π_T) of J_KDRL (Xu et al. 2025, https://arxiv.org/abs/2506.02208).
+
+    The weight makes a minibatch that π_old sampled give the on-policy expected gradient (w = 1 exactly at μ = 1),
+    for k2 the token-level reverse KL's (see kl_estimate). The paper is silent on μ > 1."""
+    weight = torch.exp(logp.detach() - old_logp.detach())  # (B, T), π/π_old of the sampled token
+    return weight * kl_estimate(logp, teacher_logp, kind)
+
+
+def kd_reward_returns(
+    logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    mask: torch.Tensor,
+    keep: torch.Tensor,
+    gamma: float,
+    group_size: int,
+    leave_one_out: bool = True,
+) -> torch.Tensor:
+    """KD as a reward (kd_mode="reward", kdrl-seq): the per-token KD return that, times β, joins the token advantage
+    inside the clipped surrogate. (B, T) each, keep (B, T) bool → (B, T), 0 where masked; detached.
+
+    kl_reward_to_go(γ) on the positions `keep` selects (0 elsewhere: the KD mask), minus, with leave_one_out, the
+    mean of the other G − 1 responses' returns at the same position (leave_one_out_baseline; groups contiguous and
+    whole). The baseline is subtracted from every response, so its expected gradient is 0 under any KD mask
+    (exactly so with loss_agg="constant")."""
+    returns = torch.where(keep, kl_reward_to_go(logp, teacher_logp, mask, gamma), 0.0)  # (B, T)
+    if leave_one_out:
+        returns = returns - leave_one_out_baseline(returns, group_size)  # (B, T)
+    return torch.where(mask.bool(), returns, 0.0)
+
+
 def kdrl_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -507,7 +595,13 @@ def kdrl_loss(
     num_seqs: Optional[int] = None,
     token_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict]:
-    """The KDRL loss −J_KDRL = clipped GRPO surrogate + β · KD, for one (mini)batch. Returns (loss, metrics).
+    """The KDRL loss −J_KDRL = −J_GRPO + β · KL(π ‖ π_T), for one (mini)batch. Returns (loss, metrics).
+
+    A composition of the pure functions above, each aggregated over response tokens as cfg.loss_agg says:
+      policy term  −clipped_surrogate(ρ, A), with ρ = π/π_old, or RLAD's trrd_log_ratio when cfg.trrd_alpha is set;
+      KD term      β · kd_token_loss (cfg.kd_mode="loss"), or β · kd_reward_returns added to A ("reward");
+    with the KD term only on the responses cfg.kd_mask keeps (kd_response_mask). With beta = 0 this is exactly the
+    GRPO loss; with zero advantages in "loss" mode, exactly β · KD.
 
     logp, old_logp, teacher_logp, mask: (B, T) over response tokens; advantages: (B,); correct: (B,) bool
     (the KD masks use correctness, not the reward, since a format bonus makes them differ).
@@ -516,88 +610,77 @@ def kdrl_loss(
     computes it chunk by chunk without ever holding (B, T, V) logits.
     num_tokens / num_seqs: the response-token / response count of the *whole* batch when this is one
     minibatch of it, so that accumulated gradients equal the full-batch gradient (default: this batch's).
-
-    Policy term (GRPO, token level): −min(ρ A_t, clip(ρ, 1 − ε_low, 1 + ε_high) A_t) with ρ = π/π_old.
-      RLAD/TRRD (cfg.trrd_alpha = α): log ρ = α log(π/π_old) + (1 − α) clamp(log(π/π_T), −c, c). α = 1 is
-      exactly GRPO. The hard clamp passes no gradient outside [−c, c]: there the token's gradient falls to
-      α ∇log π (times ρ A). The ratio is not 1 even at μ = 1, so the clip is active from the first step.
-    KD term, cfg.kd_mode:
-      "loss":   β · aggregate(w_t · k_t) with k = kl_estimate(kd_kind) or full_kl. w_t = π/π_old (detached)
-                on the sampled token makes a minibatch sampled by π_old give the on-policy expected gradient
-                (w = 1 exactly at μ = 1). kind "full" sums over the vocabulary and needs no such weight.
-      "reward": β · kl_reward_to_go(γ = kd_gamma) (0 on responses the KD mask removes), minus the leave-one-out
-                group mean of those returns when kd_baseline="loo" (needs whole groups in the batch), is added to
-                the token advantage inside the surrogate. The baseline is subtracted from every response, so
-                its expected gradient is 0 under any KD mask (exactly so with loss_agg="constant").
-    cfg.kd_mask removes KD from whole responses (see kd_response_mask); their KD gradient is exactly 0.
     cfg.loss_agg: "token-mean" divides by num_tokens; "seq-mean" averages each response over its tokens,
     then divides by num_seqs; "constant" (Dr.GRPO) divides by max_new_tokens × num_seqs.
     token_weight: (B, T) or (B, 1), detached, multiplies every per-token term, policy and KD alike (default 1).
     Use it when the rollouts came from another sampler q than the π_old you score them with (vLLM): with
     token_weight = π_old/q the expected gradient is the one sampling from π_old would give, for both terms.
-    With beta = 0 this is exactly the GRPO loss; with zero advantages in "loss" mode, exactly β · KD.
     """
     mask = mask.bool()
     # Padded slots may hold anything (−inf, nan): zero them *before* any arithmetic, because where() after
     # the fact protects the forward pass but not the backward one (0 · inf = nan would reach the weights).
-    logp, old_logp, teacher_logp = (torch.where(mask, x, 0.0) for x in (logp, old_logp.detach(), teacher_logp.detach()))
+    logp = torch.where(mask, logp, 0.0)  # (B, T)
+    old_logp = torch.where(mask, old_logp.detach(), 0.0)  # (B, T)
+    teacher_logp = torch.where(mask, teacher_logp.detach(), 0.0)  # (B, T)
     num_tokens = mask.sum().item() if num_tokens is None else num_tokens
     num_seqs = mask.shape[0] if num_seqs is None else num_seqs
+    counts = dict(num_tokens=max(num_tokens, 1), num_seqs=max(num_seqs, 1), max_new_tokens=cfg.max_new_tokens)
     weight = torch.ones_like(logp) if token_weight is None else torch.where(mask, token_weight.detach(), 0.0)  # (B, T)
-    agg = lambda x: _aggregate(weight * x, mask, cfg.loss_agg, max(num_tokens, 1), max(num_seqs, 1), cfg.max_new_tokens)
     kd_keep = kd_response_mask(correct, cfg.kd_mask, cfg.group_size)[:, None] & mask  # (B, T)
 
-    # Policy term: GRPO's clipped surrogate, or TRRD's teacher-anchored ratio.
-    log_ratio = logp - old_logp
-    if cfg.trrd_alpha is not None:
-        a = cfg.trrd_alpha
-        log_ratio = a * log_ratio + (1 - a) * (logp - teacher_logp).clamp(-cfg.trrd_clamp, cfg.trrd_clamp)
+    # Policy term: GRPO's clipped surrogate, with GRPO's ratio π/π_old or TRRD's teacher-anchored one.
+    if cfg.trrd_alpha is None:
+        log_ratio = logp - old_logp  # (B, T)
+    else:
+        log_ratio = trrd_log_ratio(logp, old_logp, teacher_logp, cfg.trrd_alpha, cfg.trrd_clamp)  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
-    adv = advantages.detach()[:, None].to(logp.dtype).expand_as(logp)  # (B, T)
-    if cfg.kd_mode == "reward":
-        kd_return = torch.where(kd_keep, kl_reward_to_go(logp, teacher_logp, mask, cfg.kd_gamma), 0.0)  # (B, T)
-        if cfg.kd_baseline == "loo":  # from the others' (masked) returns, subtracted from every response: unbiased
-            kd_return = kd_return - leave_one_out_baseline(kd_return, cfg.group_size)
-        adv = adv + beta * torch.where(mask, kd_return, 0.0)
-    lo, hi = 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(lo, hi) * adv)
-    pg_loss = agg(-surrogate)
+    adv = advantages.detach()[:, None].to(logp.dtype).expand_as(logp)  # (B, T): each response's A on its tokens
+    if cfg.kd_mode == "reward":  # KD as a reward: β × the KD return joins the advantage
+        leave_one_out = cfg.kd_baseline == "loo"
+        kd_returns = kd_reward_returns(logp, teacher_logp, mask, kd_keep, cfg.kd_gamma, cfg.group_size, leave_one_out)
+        adv = adv + beta * kd_returns  # (B, T)
+    surrogate = clipped_surrogate(ratio, adv, cfg.clip_eps_low, cfg.clip_eps_high)  # (B, T)
+    pg_loss = _aggregate(weight * -surrogate, mask, cfg.loss_agg, **counts)
 
-    # KD term (loss mode): per-token KL estimate, importance-weighted when the minibatch is off-policy.
-    # (In reward mode it is only a metric: the k1 estimate, whose negative is the KD reward.)
+    # KD term, in loss mode. (In reward mode it is only a metric: the k1 estimate, whose negative is the KD reward.)
     kind = cfg.kd_kind if cfg.kd_mode == "loss" else "k1"
-    if kind == "full":
+    if kind == "full":  # a sum over the vocabulary: no π/π_old weight needed (the caller computed it, see exact_kl)
         if exact_kl is None:
             raise ValueError("kdrl_loss: kd_kind='full' needs exact_kl, the per-token KL over the vocabulary (full_kl)")
-        kd_tok = torch.where(mask, exact_kl, 0.0)
+        kd_per_token = torch.where(mask, exact_kl, 0.0)  # (B, T)
     else:
-        w = torch.exp(logp.detach() - old_logp)  # π/π_old of the sampled token
-        kd_tok = w * kl_estimate(logp, teacher_logp, kind)
-    kd_loss = agg(torch.where(kd_keep, kd_tok, 0.0))
+        kd_per_token = kd_token_loss(logp, old_logp, teacher_logp, kind)  # (B, T)
+    kd_loss = _aggregate(weight * torch.where(kd_keep, kd_per_token, 0.0), mask, cfg.loss_agg, **counts)
     loss = pg_loss + beta * kd_loss if cfg.kd_mode == "loss" else pg_loss
 
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
-        mean = lambda x: (torch.where(mask, x, 0.0).sum() / n).item()
-        clipped = ((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))
+        below = (ratio < 1 - cfg.clip_eps_low) & (adv < 0)  # (B, T): clipped tokens, whose gradient is 0
+        above = (ratio > 1 + cfg.clip_eps_high) & (adv > 0)  # (B, T)
         metrics = dict(
             pg_loss=pg_loss.item(),
             kd_loss=kd_loss.item(),
-            kl_k1=mean(kl_estimate(logp, teacher_logp, "k1")),
-            kl_k3=mean(kl_estimate(logp, teacher_logp, "k3")),
-            entropy=-mean(logp),
-            clip_frac=mean(clipped.to(logp.dtype)),
-            ratio=mean(ratio),
-            kd_frac=kd_keep.sum().item() / n.item() if beta != 0 else 0.0,  # β = 0 (grpo, rlad): no token gets KD
+            kl_k1=_masked_mean(kl_estimate(logp, teacher_logp, "k1"), mask),
+            kl_k3=_masked_mean(kl_estimate(logp, teacher_logp, "k3"), mask),
+            entropy=-_masked_mean(logp, mask),
+            clip_frac=_masked_mean((below | above).to(logp.dtype), mask),
+            ratio=_masked_mean(ratio, mask),
+            kd_frac=kd_keep.sum().item() / max(mask.sum().item(), 1) if beta != 0 else 0.0,  # β = 0: no token gets KD
         )
     return loss, metrics
 
 
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, num_tokens: float) -> tuple[torch.Tensor, dict]:
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of x (B, T) over the positions mask (B, T) keeps, as a Python float (0 if none)."""
+    return (torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)).item()
+
+
+def sft_loss(
+    logp: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, num_tokens: float
+) -> tuple[torch.Tensor, dict]:
     """The SFT baseline: NLL of the kept responses (teacher samples that were correct), token mean.
     logp, mask: (B, T); keep: (B,) bool; num_tokens: kept tokens in the whole batch."""
-    m = mask.bool() & keep.bool()[:, None]
-    loss = -torch.where(m, logp, 0.0).sum() / max(num_tokens, 1)
+    kept_tokens = mask.bool() & keep.bool()[:, None]  # (B, T)
+    loss = -torch.where(kept_tokens, logp, 0.0).sum() / max(num_tokens, 1)
     return loss, dict(sft_loss=loss.item())
 
 
@@ -621,14 +704,15 @@ class Rollouts:
     def response_ids(self) -> torch.Tensor:  # (B, T)
         return self.input_ids[:, -self.response_mask.shape[1] :]
 
-    def __getitem__(self, rows) -> "Rollouts":  # a minibatch: ro[i:j]
+    def __getitem__(self, rows) -> "Rollouts":  # a minibatch: rollouts[i:j]
         return Rollouts(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
 
 def format_prompt(tokenizer, prompt: str) -> str:
     """Apply the chat template when the tokenizer has one (a single user turn), else the raw prompt."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        turn = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
     return prompt
 
 
@@ -636,9 +720,10 @@ def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.T
     """Chat-format and left-pad prompts. Returns input_ids, attention_mask: (N, P) long."""
     templated = bool(getattr(tokenizer, "chat_template", None))  # the template already holds BOS
     rows = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=not templated)["input_ids"] for p in prompts]
-    P, pad = max(map(len, rows)), pad_token_id(tokenizer)
-    ids = torch.tensor([[pad] * (P - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    P = max(map(len, rows))  # the longest prompt
+    pad = pad_token_id(tokenizer)
+    ids = torch.tensor([[pad] * (P - len(row)) + row for row in rows], dtype=torch.long)  # (N, P)
+    mask = torch.tensor([[0] * (P - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)  # (N, P)
     return ids, mask
 
 
@@ -662,10 +747,17 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def _scoring_temperature(temperature: float) -> float:
+    """The temperature log-probs are taken at: the sampling one, or 1 for greedy decoding (T = 0), which has no
+    distribution of its own; its tokens are then reported under the model's plain softmax."""
+    return temperature or 1.0
+
+
 def _next_token(logits: torch.Tensor, temperature: float, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample (or argmax at T = 0) from logits (B, ≥V), padded columns ≥ vocab_size excluded.
     Returns token (B,) and its log-prob (B,) float32 under softmax(logits / T) (T = 1 when greedy)."""
-    logp = torch.log_softmax(logits[:, :vocab_size].float() / (temperature or 1.0), dim=-1)  # (B, V)
+    scaled = logits[:, :vocab_size].float() / _scoring_temperature(temperature)  # (B, V)
+    logp = torch.log_softmax(scaled, dim=-1)  # (B, V)
     if temperature == 0:
         token = logp.argmax(-1)
     else:  # exponential race: argmax(log p − log E), E ~ Exp(1), is an exact sample, and never raises on NaN
@@ -697,10 +789,18 @@ def _drop_finished(cache, alive: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_rollouts(
-    model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0, *,
-    vocab_size: Optional[int] = None, end_ids: Optional[list[int]] = None,
+    model,
+    tokenizer,
+    prompts: list[str],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    *,
+    vocab_size: Optional[int] = None,
+    end_ids: Optional[list[int]] = None,
 ) -> Rollouts:
     """Sample group_size responses to each prompt with a KV cache; temperature 0 is greedy.
+    N prompts in, B = N · group_size responses out, each group contiguous; T ≤ max_new_tokens is the longest one.
 
     A response ends at its first token in end_ids (default end_token_ids(tokenizer, model)), which it keeps.
 
@@ -715,39 +815,45 @@ def sample_rollouts(
     pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     end_ids = torch.tensor(end_ids if end_ids is not None else end_token_ids(tokenizer, model), device=device)
-    ids, attn = (x.repeat_interleave(group_size, 0).to(device) for x in encode_prompts(tokenizer, prompts))
-    B, prompt_attn = ids.shape[0], attn
-    pos = _positions(attn)
+    prompt_ids, prompt_attn = encode_prompts(tokenizer, prompts)  # (N, P), left-padded
+    prompt_ids = prompt_ids.repeat_interleave(group_size, 0).to(device)  # (B, P)
+    prompt_attn = prompt_attn.repeat_interleave(group_size, 0).to(device)  # (B, P)
+    B = prompt_ids.shape[0]
+    pos = _positions(prompt_attn)  # (B, P)
     cache_arg = _cache_argument(model)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
-    logps = torch.zeros(B, max_new_tokens, device=device)
-    alive = torch.ones(B, dtype=torch.bool, device=device)  # no end token yet
-    resp_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
-    next_pos, rows = pos[:, -1], torch.arange(B, device=device)  # rows: batch index of each decoded row
+    out = model(input_ids=prompt_ids, attention_mask=prompt_attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)  # (B, max_new_tokens)
+    logps = torch.zeros(B, max_new_tokens, device=device)  # (B, max_new_tokens)
+    resp_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # (B, max_new_tokens)
+    alive = torch.ones(B, dtype=torch.bool, device=device)  # (B,): no end token yet
+    # The decoding batch: `rows` are the batch indices of the rows it still carries, each with its attention mask
+    # (rows, P + t) and next position (rows,). It shrinks as rows finish.
+    rows = torch.arange(B, device=device)  # (rows,)
+    attn = prompt_attn  # (rows, P + t)
+    next_pos = pos[:, -1]  # (rows,)
     for t in range(max_new_tokens):
-        token, lp = _next_token(out.logits[:, -1], temperature, V)  # (rows,)
-        live = alive[rows]
+        token, token_logp = _next_token(out.logits[:, -1], temperature, V)  # (rows,), (rows,)
+        live = alive[rows]  # (rows,)
         tokens[rows, t] = torch.where(live, token, pad)
-        logps[rows, t] = torch.where(live, lp, 0.0)
+        logps[rows, t] = torch.where(live, token_logp, 0.0)
         resp_mask[rows, t] = live  # includes the first end token
         alive[rows] = live & ~torch.isin(token, end_ids)
         n_alive = int(alive.sum())  # the one host sync per token: stop as soon as all are done
         if t + 1 == max_new_tokens or n_alive == 0:
             break
         if n_alive <= 0.9 * len(rows):
-            keep = _drop_finished(_returned_cache(out), alive[rows])
+            keep = _drop_finished(_returned_cache(out), alive[rows])  # (rows',) indices into the decoding batch
             rows, attn, next_pos, token = rows[keep], attn[keep], next_pos[keep], token[keep]
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)  # (rows, P + t + 1)
         next_pos = next_pos + 1
         step_inputs = dict(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos[:, None])
         out = model(**step_inputs, use_cache=True, **{cache_arg: _returned_cache(out)})
     if not torch.isfinite(logps).all():
         raise KDRLError("non-finite log-probs while sampling: the model's weights or activations diverged")
-    T = t + 1
-    tokens, logps, resp_mask = tokens[:, :T], logps[:, :T], resp_mask[:, :T]
-    input_ids = torch.cat([ids, tokens], dim=1)
-    attention_mask = torch.cat([prompt_attn, resp_mask.long()], dim=1)
+    T = t + 1  # the longest response
+    tokens, logps, resp_mask = tokens[:, :T], logps[:, :T], resp_mask[:, :T]  # (B, T) each
+    input_ids = torch.cat([prompt_ids, tokens], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([prompt_attn, resp_mask.long()], dim=1)  # (B, P + T)
     return Rollouts(input_ids, attention_mask, resp_mask, logps, truncated=alive)
 
 
@@ -756,7 +862,9 @@ def sample_rollouts(
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
 
 
-def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_size: int) -> torch.Tensor:
+def _chunk_logprobs(
+    head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_size: int
+) -> torch.Tensor:
     """log softmax(head(hidden) / T)[target] for rows of hidden (N, H) → (N,) float32, via logsumexp."""
     logits = head(hidden)[:, :vocab_size].float() / temperature  # (N, V): the only (·, V) tensor alive
     return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)
@@ -773,8 +881,15 @@ def _chunk_logprobs_kl(head, hidden, targets, temperature, vocab_size, teacher_h
 
 
 def head_logprobs(
-    head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_size: int, chunk_size: int = 256,
-    *, checkpoint: bool = True, teacher: Optional[tuple] = None,
+    head,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    vocab_size: int,
+    chunk_size: int = 256,
+    *,
+    checkpoint: bool = True,
+    teacher: Optional[tuple] = None,
 ):
     """log softmax(head(hidden) / T)[target] over the first vocab_size columns. (N, H), (N,) → (N,) float32.
 
@@ -789,11 +904,14 @@ def head_logprobs(
     logps, kls = [], []
     for i in range(0, hidden.shape[0], chunk_size):
         rows = slice(i, i + chunk_size)
-        fn, args = _chunk_logprobs, (head, hidden[rows], targets[rows], temperature, vocab_size)
+        chunk_fn, args = _chunk_logprobs, (head, hidden[rows], targets[rows], temperature, vocab_size)
         if teacher is not None:
-            fn, args = _chunk_logprobs_kl, (*args, teacher[0], teacher[1][rows])
-        out = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if use_checkpoint else fn(*args)
-        logps.append(out[0] if teacher is not None else out)
+            chunk_fn, args = _chunk_logprobs_kl, (*args, teacher[0], teacher[1][rows])
+        if use_checkpoint:
+            out = torch.utils.checkpoint.checkpoint(chunk_fn, *args, use_reentrant=False)
+        else:
+            out = chunk_fn(*args)
+        logps.append(out[0] if teacher is not None else out)  # (chunk,)
         if teacher is not None:
             kls.append(out[1])
     empty = hidden.new_zeros(0, dtype=torch.float32)
@@ -860,46 +978,53 @@ def token_logprobs(
     Both need the plain head path and raise KDRLError for a model that would fall back.
     """
     B, T = response_mask.shape
-    P = input_ids.shape[1] - T
+    P = input_ids.shape[1] - T  # prompt length (left-padded)
     V = vocab_size or model.config.vocab_size
-    mask = response_mask.bool()
-    lengths = mask.sum(1)
-    head = model.get_output_embeddings()
-    full = _logits_need_full_path(model) is not None
+    mask = response_mask.bool()  # (B, T)
+    lengths = mask.sum(1)  # (B,)
+    full_logits = _logits_need_full_path(model) is not None
     if return_hidden or kl_teacher is not None:
         check_logits_rebuildable(model)
-    hidden, targets, where = [], [], []
+    # The output head's inputs at the kept positions, n of them in all: the final hidden states (n, H), or, on the
+    # full-logits path, the logits themselves (n, V), sent through an identity head.
+    head_inputs, targets, flat_index = [], [], []
     for idx in _length_buckets(lengths, length_buckets):
-        L = int(lengths[idx].max()) if len(idx) else 0  # this bucket's longest response
-        if L == 0:
+        longest = int(lengths[idx].max()) if len(idx) else 0  # this bucket's longest response
+        if longest == 0:
             continue
-        ids, attn, m = input_ids[idx, : P + L], attention_mask[idx, : P + L], mask[idx, :L]
-        kw = dict(input_ids=ids, attention_mask=attn, position_ids=_positions(attn), use_cache=False)  # no KV cache to build
-        if full:
-            logits = model(**kw).logits[:, P - 1 : -1]  # (b, L, V)
-            hidden.append(logits[m])  # (n, V): with the Identity head below, the "hidden states" are the logits
+        ids = input_ids[idx, : P + longest]  # (b, P + longest)
+        attn = attention_mask[idx, : P + longest]  # (b, P + longest)
+        kept = mask[idx, :longest]  # (b, longest)
+        # use_cache=False: a scoring pass has no KV cache to build
+        inputs = dict(input_ids=ids, attention_mask=attn, position_ids=_positions(attn), use_cache=False)
+        if full_logits:
+            logits = model(**inputs).logits[:, P - 1 : -1]  # (b, longest, V), each predicting the next token
+            head_inputs.append(logits[kept])  # (n_b, V)
         else:
-            hidden.append(model.base_model(**kw).last_hidden_state[:, P - 1 : -1][m])  # (n, H), predicts each kept token
-        targets.append(ids[:, P:][m])  # (n,)
-        where.append((idx[:, None] * T + torch.arange(L, device=idx.device))[m])  # (n,) flat index into (B, T)
+            hidden = model.base_model(**inputs).last_hidden_state[:, P - 1 : -1]  # (b, longest, H)
+            head_inputs.append(hidden[kept])  # (n_b, H)
+        targets.append(ids[:, P:][kept])  # (n_b,)
+        flat_index.append((idx[:, None] * T + torch.arange(longest, device=idx.device))[kept])  # (n_b,) into B·T
     device = input_ids.device
     logp = torch.zeros(B * T, dtype=torch.float32, device=device)  # (B·T,)
     kl = torch.zeros(B * T, dtype=torch.float32, device=device) if kl_teacher is not None else None  # (B·T,)
     states = None  # (B·T, H) for return_hidden
-    if hidden:
-        hidden, targets, where = torch.cat(hidden), torch.cat(targets), torch.cat(where)  # (n, H), (n,), (n,)
+    if head_inputs:
+        head_inputs = torch.cat(head_inputs)  # (n, H) or (n, V)
+        targets = torch.cat(targets)  # (n,)
+        flat_index = torch.cat(flat_index)  # (n,)
         teacher = None
         if kl_teacher is not None:
             teacher_head, teacher_hidden = kl_teacher
-            teacher = (teacher_head, teacher_hidden.reshape(B * T, -1)[where])  # (n, H_T)
-        head_fn = torch.nn.Identity() if full else head
-        out = head_logprobs(head_fn, hidden, targets, temperature or 1.0, V, chunk_size, checkpoint=not full,
-                            teacher=teacher)
-        logp = logp.index_put((where,), out[0] if teacher else out)
+            teacher = (teacher_head, teacher_hidden.reshape(B * T, -1)[flat_index])  # (n, H_T)
+        head = torch.nn.Identity() if full_logits else model.get_output_embeddings()
+        out = head_logprobs(head, head_inputs, targets, _scoring_temperature(temperature), V, chunk_size,
+                            checkpoint=not full_logits, teacher=teacher)
+        logp = logp.index_put((flat_index,), out[0] if teacher else out)
         if teacher:
-            kl = kl.index_put((where,), out[1])
+            kl = kl.index_put((flat_index,), out[1])
         if return_hidden:
-            states = hidden.new_zeros(B * T, hidden.shape[-1]).index_put_((where,), hidden)
+            states = head_inputs.new_zeros(B * T, head_inputs.shape[-1]).index_put_((flat_index,), head_inputs)
     if return_hidden:
         if states is None:  # no response token at all
             states = torch.zeros(B * T, model.config.hidden_size, device=device)
@@ -950,11 +1075,15 @@ def _as_number(s: str) -> Optional[Fraction]:
 
 def answers_match(pred: str, gold: str) -> bool:
     """Numerically when both parse as numbers, else as whitespace- and case-normalised strings."""
-    a, b = _as_number(pred), _as_number(str(gold))
-    if a is not None and b is not None:
-        return a == b
-    norm = lambda s: re.sub(r"\s+", "", str(s)).strip("$.").lower()
-    return norm(pred) == norm(gold)
+    pred_number, gold_number = _as_number(pred), _as_number(str(gold))
+    if pred_number is not None and gold_number is not None:
+        return pred_number == gold_number
+    return _normalise_answer(pred) == _normalise_answer(gold)
+
+
+def _normalise_answer(answer) -> str:
+    """Whitespace removed, '$' and '.' stripped from the ends, lower case: '$ X . ' and 'x' match."""
+    return re.sub(r"\s+", "", str(answer)).strip("$.").lower()
 
 
 def math_reward(prompt: str, completion: str, example: dict) -> float:
@@ -968,7 +1097,9 @@ def format_ok(completion: str) -> bool:
     return extract_answer(completion) is not None
 
 
-def score_completions(reward_fn: Callable, examples: list[dict], completions: list[str], group_size: int, format_bonus: float = 0.0):
+def score_completions(
+    reward_fn: Callable, examples: list[dict], completions: list[str], group_size: int, format_bonus: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards and correctness for prompt-major completions. Returns rewards (B,) float32, correct (B,) bool.
     correct comes from reward_fn alone (score ≥ 1); the format bonus is added afterwards and never counts."""
     scores = []
@@ -978,7 +1109,9 @@ def score_completions(reward_fn: Callable, examples: list[dict], completions: li
             scores.append(float(reward_fn(ex["prompt"], completion, ex)))
         except Exception as e:
             where = f"line {ex['_line']} " if "_line" in ex else ""
-            raise KDRLError(f"reward function failed on example {where}(prompt {ex['prompt'][:60]!r}): {type(e).__name__}: {e}") from e
+            raise KDRLError(
+                f"reward function failed on example {where}(prompt {ex['prompt'][:60]!r}): {type(e).__name__}: {e}"
+            ) from e
     scores = torch.tensor(scores, dtype=torch.float32)
     bonus = torch.tensor([format_bonus * format_ok(c) for c in completions], dtype=torch.float32)
     return scores + bonus, scores >= 1.0
@@ -986,6 +1119,189 @@ def score_completions(reward_fn: Callable, examples: list[dict], completions: li
 
 # -----------------------------------------------------------------------------
 # The training loop: sample → reward → advantage → teacher log-probs → loss → step → log.
+
+
+def train(
+    cfg: KDRLConfig,
+    student,
+    teacher,
+    tokenizer,
+    train_set: list[dict],
+    reward_fn: Callable,
+    eval_set: Optional[list[dict]] = None,
+) -> dict:
+    """Post-train `student` with cfg.method's loss. Returns a summary: final eval, timings, tokens/s.
+
+    Writes <out>/config.json, <out>/metrics.jsonl (one line per step; eval lines carry "eval": true) and
+    <out>/checkpoint (every save_every steps and at the end). Each step, with β = beta_schedule(step):
+      1. sample G responses per prompt (SFT: from the teacher; its rows' reward/acc/length are then the teacher's)
+      2. rewards and correctness   3. group advantages   4. teacher (and, for μ > 1, old-policy) log-probs, no grad
+      5. μ epochs, each one optimizer step with gradients accumulated over minibatches   6. log
+    On CUDA (cfg.dtype "auto") every forward pass runs under bfloat16 autocast, over float32 master weights.
+    """
+    out, optimizer, start = _start_run(cfg, student, teacher, train_set)  # validate, seed, resume
+    device = next(student.parameters()).device
+    G, V = cfg.group_size, len(tokenizer)  # V: the tokenizer's columns (checkpoints pad their logits beyond it)
+    end_ids = end_token_ids(tokenizer, student, teacher)
+    timer, tokens_seen = Timer(), 0
+    bar = _progress_bar(cfg, start)
+    for step in bar:
+        batch = [train_set[i] for i in batch_for_step(len(train_set), step, cfg.prompts_per_step, cfg.seed)]
+        beta = beta_schedule(step, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
+        timer.start_step()
+        with _name_step_in_errors(step, out / "checkpoint"):
+            with timer("sampling"), _autocast(cfg.dtype, device):  # 1. G responses per prompt (SFT: the teacher's)
+                sampler = teacher if cfg.sft else student
+                prompts = [ex["prompt"] for ex in batch]
+                rollouts = sample_rollouts(sampler, tokenizer, prompts, G, cfg.max_new_tokens, cfg.temperature,
+                                           vocab_size=V, end_ids=end_ids)
+            completions = decode(tokenizer, rollouts)
+            rewards, correct = score_completions(reward_fn, batch, completions, G, cfg.format_bonus)  # 2. (B,), (B,)
+            rewards, correct = rewards.to(device), correct.to(device)
+            advantages = torch.zeros_like(rewards)  # 3. (B,); zero without a reward: pure distillation
+            if cfg.use_reward:
+                advantages = grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps)
+            with timer("teacher"), _autocast(cfg.dtype, device):  # 4. teacher (and old-policy) log-probs, no grad
+                scores = teacher_pass(cfg, student, teacher, rollouts, V)
+            trained_on = _sft_samples(cfg, correct, rollouts) if cfg.sft else correct  # (B,) bool
+            with timer("update"), _autocast(cfg.dtype, device):  # 5. μ epochs, each one optimizer step
+                grad_norm, parts = policy_update(cfg, student, teacher, optimizer, rollouts, advantages, trained_on,
+                                                 beta, scores, V, step)
+        row = dict(step=step, beta=beta, grad_norm=grad_norm, **_loss_metrics(cfg, parts))  # 6. log
+        row.update(_batch_metrics(cfg, rollouts, rewards, correct, advantages, trained_on), **timer.step_times())
+        tokens_seen += row["tokens"]
+        _log_step(cfg, bar, out / "metrics.jsonl", row)
+        if _due(cfg.eval_every, step, cfg.steps) and eval_set:
+            with timer("eval"):
+                examples = eval_set[: cfg.eval_limit]
+                eval_metrics = _evaluate_aside(student, tokenizer, examples, reward_fn, cfg, end_ids, step)
+            _append_row(out / "metrics.jsonl", dict(step=step, eval=True, **eval_metrics))
+        if _due(cfg.save_every, step, cfg.steps):
+            save_checkpoint(out, step + 1, student, tokenizer, optimizer, cfg)
+    bar.close()
+    return _finish_run(cfg, out, student, tokenizer, optimizer, start, eval_set, reward_fn, end_ids, timer,
+                       tokens_seen)
+
+
+@torch.no_grad()
+def teacher_pass(cfg: KDRLConfig, student, teacher, rollouts: Rollouts, vocab_size: int) -> dict:
+    """Step 4, no grad: everything the update needs besides the student, in a size that does not grow with V.
+    teacher_logp (B, T); for kd_kind="full" teacher_hidden (B, T, H_T), the teacher's final hidden states, from
+    which the update rebuilds its logits chunk by chunk (the teacher runs once per step); for μ > 1, old_logp."""
+    scores = dict(teacher_logp=torch.zeros_like(rollouts.logprobs), teacher_hidden=None, old_logp=None)
+    if _full_kd(cfg):
+        teacher_logp, teacher_hidden = _logprobs(cfg, teacher, rollouts, vocab_size, return_hidden=True)
+        scores.update(teacher_logp=teacher_logp, teacher_hidden=teacher_hidden)  # (B, T), (B, T, H_T)
+    elif _needs_teacher(cfg):
+        scores["teacher_logp"] = _logprobs(cfg, teacher, rollouts, vocab_size)  # (B, T)
+    if cfg.mu > 1 and not cfg.sft:  # SFT's NLL needs no old policy
+        scores["old_logp"] = _logprobs(cfg, student, rollouts, vocab_size)  # (B, T)
+    return scores
+
+
+def policy_update(
+    cfg: KDRLConfig,
+    student,
+    teacher,
+    optimizer,
+    rollouts: Rollouts,
+    advantages: torch.Tensor,
+    correct: torch.Tensor,
+    beta: float,
+    scores: dict,
+    vocab_size: int,
+    step: int,
+) -> tuple[float, list]:
+    """Step 5: μ epochs over the batch, each one optimizer step, gradients accumulated over minibatches of whole
+    groups with the full batch's normaliser. Returns the last epoch's grad norm and its (tokens, metrics) parts.
+    For SFT, `correct` is the mask of teacher samples to train on."""
+    checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in student.modules())
+    student.train(checkpointing)  # Hugging Face checkpoints activations only in train mode (dropout is zeroed)
+    mask = rollouts.response_mask  # (B, T)
+    batch_size = mask.shape[0]
+    G = cfg.group_size
+    minibatch_size = max(G, cfg.minibatch_size // G * G)  # whole groups (the "group" KD mask needs them)
+    num_tokens = (mask & correct[:, None]).sum().item() if cfg.sft else mask.sum().item()
+    for _ in range(cfg.mu):
+        optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for first in range(0, batch_size, minibatch_size):
+            rows = slice(first, first + minibatch_size)  # one minibatch
+            minibatch = rollouts[rows]
+            if cfg.sft:  # the SFT baseline: NLL on the kept teacher samples (`correct` holds the keep mask)
+                logp = _logprobs(cfg, student, minibatch, vocab_size)  # (b, T)
+                loss, metrics = sft_loss(logp, mask[rows], correct[rows], num_tokens)
+            else:
+                exact_kl = None
+                if scores["teacher_hidden"] is not None:  # kd_kind="full": KL over the vocabulary, chunk by chunk
+                    teacher_side = (teacher.get_output_embeddings(), scores["teacher_hidden"][rows])
+                    logp, exact_kl = _logprobs(cfg, student, minibatch, vocab_size, kl_teacher=teacher_side)
+                else:
+                    logp = _logprobs(cfg, student, minibatch, vocab_size)  # (b, T)
+                old_logp = logp.detach() if scores["old_logp"] is None else scores["old_logp"][rows]  # μ = 1: ρ = 1
+                loss, metrics = kdrl_loss(
+                    logp, old_logp, scores["teacher_logp"][rows], advantages[rows], mask[rows], correct[rows], cfg,
+                    beta, exact_kl=exact_kl, num_tokens=num_tokens, num_seqs=batch_size,
+                )
+            if not torch.isfinite(loss):
+                bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}
+                found = bad or "none"
+                raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {found})")
+            loss.backward()
+            parts.append((mask[rows].sum().item(), metrics))
+        max_norm = cfg.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm).item()
+        if not math.isfinite(grad_norm):
+            raise KDRLError(f"non-finite gradient at step {step} (grad_norm={grad_norm})")
+        if cfg.sft and num_tokens == 0:  # SFT kept no sample: no step (AdamW's momentum would still move the weights)
+            continue
+        optimizer.step()
+    student.eval()
+    return grad_norm, parts
+
+
+# --- the plumbing train() calls: setup and resume, logging, evaluation, checkpoints, timing ---
+
+
+def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict]) -> tuple[Path, torch.optim.Optimizer, int]:
+    """Validate, seed, prepare both models, build AdamW and, with cfg.resume, restore the checkpoint; write
+    config.json and start metrics.jsonl (on resume, keeping the rows of the steps already done).
+    Returns (output directory, optimizer, first step)."""
+    validate_config(cfg)
+    if not train_set:
+        raise KDRLError("the training set is empty")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    student.eval()  # the update must score the policy that sampled
+    teacher.eval()
+    _disable_dropout(student)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = load_checkpoint(out / "checkpoint", student, optimizer, cfg) if cfg.resume else 0
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    metrics_path = out / "metrics.jsonl"
+    kept = []
+    if cfg.resume and metrics_path.exists():
+        kept = [line for line in metrics_path.read_text().splitlines() if _keep_on_resume(json.loads(line), start)]
+    metrics_path.write_text("".join(line + "\n" for line in kept))
+    if _full_kd(cfg):  # before any step, not at the first teacher pass
+        for model in (student, teacher):
+            check_logits_rebuildable(model)
+    return out, optimizer, start
+
+
+def _keep_on_resume(row: dict, start: int) -> bool:
+    """metrics.jsonl rows a run resumed at `start` keeps: the steps before it, not the shorter run's final eval."""
+    return row["step"] < start and not row.get("final")
+
+
+def _progress_bar(cfg: KDRLConfig, start: int):
+    """tqdm over the steps still to run (disabled with progress=False)."""
+    from tqdm.auto import tqdm
+
+    steps = range(start, cfg.steps)
+    return tqdm(steps, initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress, dynamic_ncols=True)
 
 
 def batch_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -998,22 +1314,135 @@ def batch_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     return out
 
 
+@contextlib.contextmanager
+def _name_step_in_errors(step: int, checkpoint: Path):
+    """Re-raise a KDRLError from inside a step (a diverged run) naming the step and the checkpoint kept."""
+    try:
+        yield
+    except KDRLError as e:
+        where = "" if "at step" in str(e) else f", at step {step}"
+        raise KDRLError(f"{e}{where}; last good checkpoint kept in {checkpoint}") from None
+
+
+def _sft_samples(cfg: KDRLConfig, correct: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
+    """The teacher samples SFT trains on, (B,) bool: those that ended, and are correct unless sft_keep="all"."""
+    keep = correct if cfg.sft_keep == "correct" else torch.ones_like(correct)
+    return keep & ~rollouts.truncated
+
+
+def _loss_metrics(cfg: KDRLConfig, parts: list) -> dict:
+    """The last epoch's loss metrics over its minibatches' (tokens, metrics) parts. Each *_loss is already its
+    minibatch's share of the batch (full-batch normaliser), so those add up; the other metrics are per-minibatch
+    means, weighted by tokens. No KL metrics when no teacher was scored."""
+    total = sum(tokens for tokens, _ in parts) or 1
+    names = parts[0][1]
+    row = {}
+    for name in names:
+        if name.endswith("_loss"):
+            row[name] = sum(metrics[name] for _, metrics in parts)
+        else:
+            row[name] = sum(tokens * metrics[name] / total for tokens, metrics in parts)
+    if not _needs_teacher(cfg):
+        for name in ("kl_k1", "kl_k3", "kd_loss"):
+            row.pop(name, None)
+    return row
+
+
+def _batch_metrics(cfg: KDRLConfig, rollouts: Rollouts, rewards, correct, advantages, trained_on) -> dict:
+    """What the step's batch was: reward, accuracy, length, truncation, tokens; for SFT the fraction of teacher
+    samples trained on, otherwise the fraction of groups whose advantages are all 0 (no policy gradient)."""
+    row = {}
+    if cfg.sft:
+        row["sft_kept"] = trained_on.float().mean().item()
+    else:
+        row["zero_adv_frac"] = (advantages.view(-1, cfg.group_size) == 0).all(dim=1).float().mean().item()
+    row.update(
+        reward=rewards.mean().item(),
+        acc=correct.float().mean().item(),
+        length=rollouts.response_mask.sum(1).float().mean().item(),
+        truncated=rollouts.truncated.float().mean().item(),
+        tokens=rollouts.attention_mask.sum().item(),  # non-pad prompt and response tokens
+    )
+    return row
+
+
+def _log_step(cfg: KDRLConfig, bar, metrics_path: Path, row: dict) -> None:
+    """One row in metrics.jsonl, the progress bar's numbers, and a `|`-separated line: every step without a
+    progress bar, every log_every steps with one."""
+    _append_row(metrics_path, row)
+    kl = {"kl": f"{row['kl_k1']:.3f}"} if "kl_k1" in row else {}  # no KL when no teacher was scored
+    bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", **kl, len=f"{row['length']:.0f}")
+    if not cfg.progress:
+        print(_step_line(cfg, row), flush=True)
+    elif cfg.log_every and (row["step"] + 1) % cfg.log_every == 0:
+        bar.write(_step_line(cfg, row))
+
+
+def _step_line(cfg: KDRLConfig, row: dict) -> str:
+    """One step as `step 3/100 | reward 0.412 | acc 0.375 | kl 0.0123 | ... | update 0.30s`, nanochat's style."""
+    fields = [f"step {row['step'] + 1}/{cfg.steps}", f"reward {row['reward']:.3f}", f"acc {row['acc']:.3f}"]
+    if "kl_k1" in row:
+        fields.append(f"kl {row['kl_k1']:.4f}")
+    for name in ("pg_loss", "kd_loss", "sft_loss"):
+        if name in row:
+            fields.append(f"{name} {row[name]:.4f}")
+    fields += [f"len {row['length']:.0f}", f"grad {row['grad_norm']:.3f}", f"beta {row['beta']:.2g}"]
+    fields += [f"{phase} {row['time_' + phase]:.2f}s" for phase in ("sampling", "teacher", "update")]
+    return " | ".join(fields)
+
+
+def _append_row(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _due(every: int, step: int, steps: int) -> bool:
+    """A periodic eval or save after `step`: every N steps, but not after the last (the run's end does that)."""
+    return bool(every) and (step + 1) % every == 0 and step + 1 < steps
+
+
+def _finish_run(cfg: KDRLConfig, out: Path, student, tokenizer, optimizer, start: int, eval_set, reward_fn,
+                end_ids, timer: "Timer", tokens_seen: int) -> dict:
+    """The final checkpoint and evaluation, then the time breakdown and tokens/s, printed and returned."""
+    summary = {}
+    if start < cfg.steps:
+        save_checkpoint(out, cfg.steps, student, tokenizer, optimizer, cfg)
+    if eval_set:
+        with timer("eval"):
+            examples = eval_set[: cfg.eval_limit]
+            summary["eval"] = _evaluate_aside(student, tokenizer, examples, reward_fn, cfg, end_ids, cfg.steps - 1)
+        _append_row(out / "metrics.jsonl", dict(step=cfg.steps - 1, eval=True, final=True, **summary["eval"]))
+    busy = sum(timer.get(phase, 0.0) for phase in ("sampling", "teacher", "update"))
+    times = {phase: round(seconds, 3) for phase, seconds in timer.items()}
+    summary.update(time=times, tokens_per_s=tokens_seen / busy if busy else 0.0)
+    if start < cfg.steps:
+        phases = " | ".join(f"{name} {timer.get(name, 0):.1f}s" for name in ("sampling", "teacher", "update", "eval"))
+        rate = f"{summary['tokens_per_s']:.0f} tokens/s (non-pad prompt+response tokens per busy second)"
+        print(f"time: {phases} | {rate}")
+    return summary
+
+
 class Timer(dict):
-    """Accumulated wall time per phase: `with timer("sampling"): ...` (synchronises CUDA for honest figures)."""
+    """Accumulated wall time per phase: `with timer("sampling"): ...` (synchronises CUDA for honest figures).
+    start_step() and step_times() give one step's share of each training phase."""
 
-    def __call__(self, name):
-        timer = self
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        _sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync()
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
 
-        class _Ctx:
-            def __enter__(self):
-                _sync()
-                self.t0 = time.perf_counter()
+    def start_step(self) -> None:
+        self._at_step_start = dict(self)
 
-            def __exit__(self, *exc):
-                _sync()
-                timer[name] = timer.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Ctx()
+    def step_times(self) -> dict:
+        """{"time_sampling": s, "time_teacher": s, "time_update": s} since start_step()."""
+        before = self._at_step_start
+        return {f"time_{phase}": self[phase] - before.get(phase, 0.0) for phase in ("sampling", "teacher", "update")}
 
 
 def _sync():
@@ -1022,23 +1451,38 @@ def _sync():
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples: list[dict], reward_fn: Callable, cfg: KDRLConfig, batch_size: int = 64,
-             end_ids: Optional[list[int]] = None) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    examples: list[dict],
+    reward_fn: Callable,
+    cfg: KDRLConfig,
+    batch_size: int = 64,
+    end_ids: Optional[list[int]] = None,
+) -> dict:
     """Greedy accuracy, sampled accuracy (one sample at cfg.temperature), mean response length, truncated fraction.
     end_ids: the ids that end a response (default end_token_ids(tokenizer, model))."""
-    res = dict(greedy=[], sampled=[], length=[], truncated=[])
+    results = dict(greedy=[], sampled=[], length=[], truncated=[])
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        for name, temp in (("greedy", 0.0), ("sampled", cfg.temperature)):
-            prompts = [ex["prompt"] for ex in chunk]
-            ro = sample_rollouts(model, tokenizer, prompts, 1, cfg.max_new_tokens, temp, end_ids=end_ids)
-            _, correct = score_completions(reward_fn, chunk, decode(tokenizer, ro), 1)
-            res[name] += correct.tolist()
+        prompts = [ex["prompt"] for ex in chunk]
+        for name, temperature in (("greedy", 0.0), ("sampled", cfg.temperature)):
+            rollouts = sample_rollouts(model, tokenizer, prompts, 1, cfg.max_new_tokens, temperature, end_ids=end_ids)
+            _, correct = score_completions(reward_fn, chunk, decode(tokenizer, rollouts), 1)
+            results[name] += correct.tolist()
             if name == "greedy":
-                res["length"] += ro.response_mask.sum(1).tolist()
-                res["truncated"] += ro.truncated.tolist()
-    mean = lambda xs: sum(map(float, xs)) / max(len(xs), 1)
-    return dict(acc_greedy=mean(res["greedy"]), acc_sampled=mean(res["sampled"]), length=mean(res["length"]), truncated=mean(res["truncated"]))
+                results["length"] += rollouts.response_mask.sum(1).tolist()
+                results["truncated"] += rollouts.truncated.tolist()
+    return dict(
+        acc_greedy=_mean(results["greedy"]),
+        acc_sampled=_mean(results["sampled"]),
+        length=_mean(results["length"]),
+        truncated=_mean(results["truncated"]),
+    )
+
+
+def _mean(values: list) -> float:
+    return sum(map(float, values)) / max(len(values), 1)
 
 
 def _evaluate_aside(model, tokenizer, examples, reward_fn, cfg: KDRLConfig, end_ids, step: int) -> dict:
@@ -1050,14 +1494,9 @@ def _evaluate_aside(model, tokenizer, examples, reward_fn, cfg: KDRLConfig, end_
         return evaluate(model, tokenizer, examples, reward_fn, cfg, end_ids=end_ids)
 
 
-def _keep_on_resume(row: dict, start: int) -> bool:
-    """metrics.jsonl rows a run resumed at `start` keeps: the steps before it, not the shorter run's final eval."""
-    return row["step"] < start and not row.get("final")
-
-
-def decode(tokenizer, ro: Rollouts) -> list[str]:
+def decode(tokenizer, rollouts: Rollouts) -> list[str]:
     """Response texts, up to and including the first end token (special tokens dropped)."""
-    ids = ro.response_ids.masked_fill(~ro.response_mask, pad_token_id(tokenizer))
+    ids = rollouts.response_ids.masked_fill(~rollouts.response_mask, pad_token_id(tokenizer))  # (B, T)
     return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
 
 
@@ -1098,8 +1537,8 @@ def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, cfg: KD
 # memory, never the math of a step. Any other difference (method, β, estimator, G, lr, seed, data...) is refused.
 # (device and dtype change the floating-point arithmetic: a resume is bit-exact only on the same ones.)
 RESUME_MAY_CHANGE = (
-    "steps", "resume", "progress", "out", "eval", "eval_every", "eval_limit", "save_every", "device", "dtype",
-    "gradient_checkpointing", "minibatch_size", "logprob_chunk",
+    "steps", "resume", "progress", "log_every", "out", "eval", "eval_every", "eval_limit", "save_every", "device",
+    "dtype", "gradient_checkpointing", "minibatch_size", "logprob_chunk",
 )
 
 
@@ -1150,24 +1589,31 @@ def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = 
 def _disable_dropout(model) -> None:
     """Zero every dropout rate (modules and the float rates attention layers keep), so that train mode, which
     Hugging Face's gradient checkpointing needs, scores exactly the policy that eval mode sampled."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
         for name in ("attention_dropout", "dropout", "hidden_dropout", "resid_dropout"):
-            if isinstance(getattr(m, name, None), float):
-                setattr(m, name, 0.0)
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
 
 
 def _compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """cfg.dtype → the dtype forward passes run in: "auto" is bfloat16 on CUDA, float32 elsewhere."""
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
-def _logprobs(cfg: KDRLConfig, model, ro: Rollouts, vocab_size: int, **kw):
-    """token_logprobs of ro under model at the sampling temperature (SFT: T = 1, it is plain NLL)."""
+def _autocast(dtype: str, device: torch.device) -> torch.autocast:
+    """bfloat16 autocast for a forward pass when cfg.dtype resolves to bfloat16, else a context that does nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_compute_dtype(dtype, device) == torch.bfloat16)
+
+
+def _logprobs(cfg: KDRLConfig, model, rollouts: Rollouts, vocab_size: int, **kwargs):
+    """token_logprobs of the rollouts under model at the sampling temperature (SFT: T = 1, it is plain NLL)."""
     temperature = 1.0 if cfg.sft else cfg.temperature
-    return token_logprobs(model, ro.input_ids, ro.attention_mask, ro.response_mask, temperature=temperature,
-                          vocab_size=vocab_size, chunk_size=cfg.logprob_chunk, **kw)
+    return token_logprobs(model, rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask,
+                          temperature=temperature, vocab_size=vocab_size, chunk_size=cfg.logprob_chunk, **kwargs)
 
 
 def _needs_teacher(cfg: KDRLConfig) -> bool:
@@ -1176,176 +1622,6 @@ def _needs_teacher(cfg: KDRLConfig) -> bool:
 
 def _full_kd(cfg: KDRLConfig) -> bool:
     return cfg.kd_kind == "full" and cfg.kd_mode == "loss" and _needs_teacher(cfg)
-
-
-@torch.no_grad()
-def teacher_pass(cfg: KDRLConfig, student, teacher, ro: Rollouts, vocab_size: int) -> dict:
-    """Step 4, no grad: everything the update needs besides the student, in a size that does not grow with V.
-    teacher_logp (B, T); for kd_kind="full" teacher_hidden (B, T, H_T), the teacher's final hidden states, from
-    which the update rebuilds its logits chunk by chunk (the teacher runs once per step); for μ > 1, old_logp."""
-    scores = dict(teacher_logp=torch.zeros_like(ro.logprobs), teacher_hidden=None, old_logp=None)
-    if _full_kd(cfg):
-        scores["teacher_logp"], scores["teacher_hidden"] = _logprobs(cfg, teacher, ro, vocab_size, return_hidden=True)
-    elif _needs_teacher(cfg):
-        scores["teacher_logp"] = _logprobs(cfg, teacher, ro, vocab_size)
-    if cfg.mu > 1 and not cfg.sft:  # SFT's NLL needs no old policy
-        scores["old_logp"] = _logprobs(cfg, student, ro, vocab_size)
-    return scores
-
-
-def policy_update(cfg: KDRLConfig, student, teacher, optimizer, ro: Rollouts, advantages: torch.Tensor,
-                  correct: torch.Tensor, beta: float, scores: dict, vocab_size: int, step: int) -> tuple[float, list]:
-    """Step 5: μ epochs over the batch, each one optimizer step, gradients accumulated over minibatches of whole
-    groups with the full batch's normaliser. Returns the last epoch's grad norm and its (tokens, metrics) parts.
-    For SFT, `correct` is the mask of teacher samples to train on."""
-    B, mask = ro.input_ids.shape[0], ro.response_mask
-    mb = max(cfg.group_size, cfg.minibatch_size // cfg.group_size * cfg.group_size)  # whole groups ("group" KD mask)
-    num_tokens = (mask & correct[:, None]).sum().item() if cfg.sft else mask.sum().item()
-    for epoch in range(cfg.mu):
-        optimizer.zero_grad(set_to_none=True)
-        parts = []
-        for sl in (slice(i, i + mb) for i in range(0, B, mb)):
-            if cfg.sft:  # the SFT baseline: NLL on the kept teacher samples (`correct` holds the keep mask)
-                loss, m = sft_loss(_logprobs(cfg, student, ro[sl], vocab_size), mask[sl], correct[sl], num_tokens)
-            else:
-                exact_kl = None
-                if scores["teacher_hidden"] is not None:  # kd_kind="full": KL over the vocabulary, chunk by chunk
-                    teacher_side = (teacher.get_output_embeddings(), scores["teacher_hidden"][sl])
-                    logp, exact_kl = _logprobs(cfg, student, ro[sl], vocab_size, kl_teacher=teacher_side)
-                else:
-                    logp = _logprobs(cfg, student, ro[sl], vocab_size)
-                old = scores["old_logp"][sl] if scores["old_logp"] is not None else logp.detach()  # μ = 1: ratio 1
-                loss, m = kdrl_loss(
-                    logp, old, scores["teacher_logp"][sl], advantages[sl], mask[sl], correct[sl], cfg, beta,
-                    exact_kl=exact_kl, num_tokens=num_tokens, num_seqs=B,
-                )
-            if not torch.isfinite(loss):
-                bad = {k: v for k, v in m.items() if not math.isfinite(v)}
-                found = bad or "none"
-                raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {found})")
-            loss.backward()
-            parts.append((mask[sl].sum().item(), m))
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf")).item()
-        if not math.isfinite(grad_norm):
-            raise KDRLError(f"non-finite gradient at step {step} (grad_norm={grad_norm})")
-        if cfg.sft and num_tokens == 0:  # SFT kept no sample: no step (AdamW's momentum would still move the weights)
-            continue
-        optimizer.step()
-    return grad_norm, parts
-
-
-def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], reward_fn: Callable, eval_set: Optional[list[dict]] = None) -> dict:
-    """Post-train `student` with cfg.method's loss. Returns a summary: final eval, timings, tokens/s.
-
-    Writes <out>/config.json, <out>/metrics.jsonl (one line per step; eval lines carry "eval": true) and
-    <out>/checkpoint (every save_every steps and at the end). Each step, with β = beta_schedule(step):
-      1. sample G responses per prompt (SFT: from the teacher; its rows' reward/acc/length are then the teacher's)
-      2. rewards and correctness   3. group advantages   4. teacher (and, for μ > 1, old-policy) log-probs, no grad
-      5. μ epochs, each one optimizer step with gradients accumulated over minibatches   6. log
-    On CUDA (cfg.dtype "auto") every forward pass runs under bfloat16 autocast, over float32 master weights.
-    """
-    from tqdm.auto import tqdm
-
-    validate_config(cfg)
-    if not train_set:
-        raise KDRLError("the training set is empty")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    student.eval(), teacher.eval(), _disable_dropout(student)  # the update must score the policy that sampled
-    device = next(student.parameters()).device
-    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=_compute_dtype(cfg.dtype, device) == torch.bfloat16)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = load_checkpoint(out / "checkpoint", student, optimizer, cfg) if cfg.resume else 0
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    metrics_path = out / "metrics.jsonl"
-    kept = []
-    if cfg.resume and metrics_path.exists():
-        kept = [line for line in metrics_path.read_text().splitlines() if _keep_on_resume(json.loads(line), start)]
-    metrics_path.write_text("".join(l + "\n" for l in kept))
-
-    G, V = cfg.group_size, len(tokenizer)
-    end_ids = end_token_ids(tokenizer, student, teacher)
-    for model in (student, teacher) if _full_kd(cfg) else ():  # before any step, not at the first teacher pass
-        check_logits_rebuildable(model)
-    timer, n_tokens, summary = Timer(), 0, {}
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress, dynamic_ncols=True)
-    for step in bar:
-        batch = [train_set[i] for i in batch_for_step(len(train_set), step, cfg.prompts_per_step, cfg.seed)]
-        before = dict(timer)
-        beta = beta_schedule(step, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
-        try:
-            with timer("sampling"), amp():  # 1. G responses per prompt, from the current student (SFT: the teacher)
-                ro = sample_rollouts(teacher if cfg.sft else student, tokenizer, [ex["prompt"] for ex in batch], G,
-                                     cfg.max_new_tokens, cfg.temperature, vocab_size=V, end_ids=end_ids)
-            rewards, correct = score_completions(reward_fn, batch, decode(tokenizer, ro), G, cfg.format_bonus)  # 2.
-            rewards, correct = rewards.to(device), correct.to(device)
-            adv = torch.zeros_like(rewards)  # 3. (no reward: pure distillation)
-            if cfg.use_reward:
-                adv = grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps)
-            with timer("teacher"), amp():  # 4. teacher (and old-policy) scores, no grad
-                scores = teacher_pass(cfg, student, teacher, ro, V)
-            checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in student.modules())
-            student.train(checkpointing)  # Hugging Face checkpoints activations only in train mode
-            if cfg.sft:  # the teacher samples SFT trains on: ended, and correct unless sft_keep="all"
-                keep = (correct if cfg.sft_keep == "correct" else torch.ones_like(correct)) & ~ro.truncated
-            with timer("update"), amp():  # 5. μ epochs; each one optimizer step, gradients accumulated over minibatches
-                trained_on = keep if cfg.sft else correct
-                grad_norm, parts = policy_update(cfg, student, teacher, optimizer, ro, adv, trained_on, beta, scores, V,
-                                                 step)
-            student.eval()
-        except KDRLError as e:
-            where = "" if "at step" in str(e) else f", at step {step}"
-            raise KDRLError(f"{e}{where}; last good checkpoint kept in {out / 'checkpoint'}") from None
-        mask = ro.response_mask
-
-        # 6. log, over the last epoch: each minibatch's *_loss is already its share of the batch (full-batch
-        # normaliser), so those add up; the other metrics are per-minibatch means, weighted by tokens
-        total = sum(n for n, _ in parts) or 1
-        row = {k: sum(m[k] if k.endswith("_loss") else n * m[k] / total for n, m in parts) for k in parts[0][1]}
-        if not _needs_teacher(cfg):
-            row.pop("kl_k1", None), row.pop("kl_k3", None), row.pop("kd_loss", None)  # no teacher was scored
-        if cfg.sft:
-            row["sft_kept"] = keep.float().mean().item()  # the fraction of the batch's teacher samples trained on
-        lengths = mask.sum(1).float()
-        if not cfg.sft:
-            row["zero_adv_frac"] = (adv.view(-1, G) == 0).all(dim=1).float().mean().item()  # groups with no gradient
-        row.update(
-            step=step, beta=beta, grad_norm=grad_norm, reward=rewards.mean().item(), acc=correct.float().mean().item(),
-            length=lengths.mean().item(), truncated=ro.truncated.float().mean().item(), tokens=ro.attention_mask.sum().item(),
-            **{f"time_{k}": timer[k] - before.get(k, 0.0) for k in ("sampling", "teacher", "update")},
-        )
-        n_tokens += row["tokens"]
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        kl = {"kl": f"{row['kl_k1']:.3f}"} if "kl_k1" in row else {}  # no KL when no teacher was scored
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", **kl, len=f"{row['length']:.0f}")
-        if cfg.eval_every and eval_set and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            with timer("eval"):
-                ev = _evaluate_aside(student, tokenizer, eval_set[: cfg.eval_limit], reward_fn, cfg, end_ids, step)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(dict(step=step, eval=True, **ev)) + "\n")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(out, step + 1, student, tokenizer, optimizer, cfg)
-    bar.close()
-
-    if start < cfg.steps:
-        save_checkpoint(out, cfg.steps, student, tokenizer, optimizer, cfg)
-    if eval_set:
-        with timer("eval"):
-            examples = eval_set[: cfg.eval_limit]
-            summary["eval"] = _evaluate_aside(student, tokenizer, examples, reward_fn, cfg, end_ids, cfg.steps - 1)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(dict(step=cfg.steps - 1, eval=True, final=True, **summary["eval"])) + "\n")
-    busy = sum(timer.get(k, 0.0) for k in ("sampling", "teacher", "update"))
-    summary.update(time={k: round(v, 3) for k, v in timer.items()}, tokens_per_s=n_tokens / busy if busy else 0.0)
-    if start < cfg.steps:
-        print(
-            f"time: sampling {timer.get('sampling', 0):.1f}s | teacher {timer.get('teacher', 0):.1f}s | update {timer.get('update', 0):.1f}s"
-            f" | eval {timer.get('eval', 0):.1f}s | {summary['tokens_per_s']:.0f} tokens/s (non-pad prompt+response tokens per busy second)"
-        )
-    return summary
 
 
 # -----------------------------------------------------------------------------
@@ -1376,32 +1652,41 @@ def load_jsonl(path: str) -> list[dict]:
 def check_same_tokenizer(student_tok, teacher_tok) -> None:
     """KD compares log-probs token by token, so both models must mean the same thing by every id.
     Raises KDRLError naming the first difference: vocabulary, special-token ids, or chat template."""
-    vs, vt = student_tok.get_vocab(), teacher_tok.get_vocab()
-    for tok in sorted(set(vs) | set(vt), key=lambda k: (vs.get(k, vt.get(k)), k)):
-        if vs.get(tok) != vt.get(tok):
-            raise KDRLError(f"student and teacher tokenizers differ: token {tok!r} has id {vs.get(tok)} in the student, {vt.get(tok)} in the teacher")
+    student_vocab, teacher_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()  # {token: id}
+    every_token = set(student_vocab) | set(teacher_vocab)
+    for tok in sorted(every_token, key=lambda k: (student_vocab.get(k, teacher_vocab.get(k)), k)):
+        student_id, teacher_id = student_vocab.get(tok), teacher_vocab.get(tok)
+        if student_id != teacher_id:
+            raise KDRLError(f"student and teacher tokenizers differ: token {tok!r} has id {student_id} in the student, "
+                            f"{teacher_id} in the teacher")
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if getattr(student_tok, attr) != getattr(teacher_tok, attr):
-            raise KDRLError(f"student and teacher tokenizers differ: {attr} is {getattr(student_tok, attr)} in the student, {getattr(teacher_tok, attr)} in the teacher")
+        student_id, teacher_id = getattr(student_tok, attr), getattr(teacher_tok, attr)
+        if student_id != teacher_id:
+            raise KDRLError(f"student and teacher tokenizers differ: {attr} is {student_id} in the student, "
+                            f"{teacher_id} in the teacher")
     if getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
         raise KDRLError("student and teacher tokenizers differ: chat templates are not identical")
 
 
 def check_prompt_lengths(tokenizer, model, examples: list[dict], max_new_tokens: int, source: str) -> None:
     """Refuse prompts that cannot fit with max_new_tokens into the model's context."""
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if not ctx:
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context:
         return
     for ex in examples:
-        n = encode_prompts(tokenizer, [ex["prompt"]])[0].shape[1]
-        if n + max_new_tokens > ctx:
-            raise KDRLError(f"{source}, line {ex.get('_line', '?')}: prompt of {n} tokens + max_new_tokens {max_new_tokens} exceeds the context of {ctx}")
+        prompt_tokens = encode_prompts(tokenizer, [ex["prompt"]])[0].shape[1]
+        if prompt_tokens + max_new_tokens > context:
+            raise KDRLError(f"{source}, line {ex.get('_line', '?')}: prompt of {prompt_tokens} tokens + max_new_tokens "
+                            f"{max_new_tokens} exceeds the context of {context}")
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto" is cuda when available, else cpu; "cuda" without CUDA is refused."""
     if name == "cuda" and not torch.cuda.is_available():
         raise KDRLError("--device cuda was requested but CUDA is not available")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _check_dir(path: str, role: str) -> None:
@@ -1440,19 +1725,23 @@ def _optional_float(text: str) -> Optional[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per KDRLConfig field (--kd-kind for kd_kind), help from the field's docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    docs, types = field_docs(KDRLConfig), {"int": int, "float": float, "str": str, "Optional[float]": _optional_float}
+    description = __doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = field_docs(KDRLConfig)
+    types = {"int": int, "float": float, "str": str, "Optional[float]": _optional_float}
     for f in dataclasses.fields(KDRLConfig):
-        flag, help_ = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default: {f.default}; a --method preset may change it)"
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{docs.get(f.name, '')} (default: {f.default}; a --method preset may change it)"
         if f.type == "Optional[float]":
-            help_ += "; 'none' turns it off"
+            help_text += "; 'none' turns it off"
         if f.name in _CHOICES or f.name == "method":
-            kw = dict(type=str, choices=_CHOICES.get(f.name, tuple(METHODS)))
+            kind = dict(type=str, choices=_CHOICES.get(f.name, tuple(METHODS)))
         elif f.type == "bool":
-            kw = dict(action=argparse.BooleanOptionalAction)
+            kind = dict(action=argparse.BooleanOptionalAction)
         else:
-            kw = dict(type=types[f.type])
-        parser.add_argument(flag, default=argparse.SUPPRESS, help=help_, **kw)  # SUPPRESS: only explicit flags override the preset
+            kind = dict(type=types[f.type])
+        # SUPPRESS: only the flags given explicitly override the preset
+        parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text, **kind)
     return parser
 
 
@@ -1490,7 +1779,8 @@ def main(argv=None) -> int:
         for ex_set, src in ((train_set, cfg.train), (eval_set or [], cfg.eval)):
             check_prompt_lengths(tokenizer, student, ex_set, cfg.max_new_tokens, src)
         if cfg.gradient_checkpointing:  # renamed in transformers 5.2x; the old name still works on older 5.x
-            (getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable)()
+            enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+            enable()
         summary = train(cfg, student, teacher, tokenizer, train_set, math_reward, eval_set)
     except KDRLError as e:
         print(f"error: {e}", file=sys.stderr)

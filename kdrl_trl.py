@@ -40,6 +40,8 @@ and a final save_pretrained folder <out>/checkpoint), and the step counter: TRL 
 max_steps = steps × μ and β is scheduled at global_step // μ, the kdrl step. Two more: --resume is TRL's
 resume_from_checkpoint, which does not compare the config with the checkpoint's as kdrl.py does; and the end ids
 are TRL's: the tokenizer's EOS and the student's generation_config ids (kdrl.end_token_ids also adds the teacher's).
+Logging is TRL's too: it logs every optimizer step (its console lines and <out>/metrics.jsonl), so --log-every,
+which sets kdrl.py's `|`-separated line, is not used here.
 
 Run:  python kdrl_trl.py --student PATH --teacher PATH --train data.jsonl --method kdrl --steps 100
       accelerate launch [--config_file zero3.yaml] kdrl_trl.py ...   (see the README, "Beyond one GPU")
