@@ -253,7 +253,10 @@ def _pair_kd_grad(student, teacher, V, L, gamma, baseline, weighted=True, kd_mas
     logp = _token_logp(student, tok[rows], ctx[rows], mask[rows])  # (2 n², L)
     tlogp = _token_logp(teacher, tok[rows], ctx[rows], mask[rows])
     P = logp.sum(1).exp().detach()  # (2 n²,)
-    pair_prob = (P[0::2] * P[1::2]).repeat_interleave(2)[:, None] if weighted else torch.ones_like(P)[:, None]  # (2 n², 1)
+    if weighted:
+        pair_prob = (P[0::2] * P[1::2]).repeat_interleave(2)[:, None]  # (2 n², 1)
+    else:
+        pair_prob = torch.ones_like(P)[:, None]  # (2 n², 1)
     zeros = torch.zeros(len(rows), dtype=F64)
     correct = tok[rows, 0] == 1  # (2 n²,)
     loss, _ = kdrl.kdrl_loss(logp, logp.detach(), tlogp, zeros, mask[rows], correct, cfg, 1.0, num_seqs=2,
@@ -356,8 +359,8 @@ def test_kl_estimate_k3_float32_finite_with_correct_gradient_sign():
 
 
 def test_kl_estimate_k3_exact_inside_clamp_and_tangent_outside():
-    """float64: |d| ≤ clamp: value e^(−d) − 1 + d and gradient 1 − e^(−d) to rounding. d < −clamp: the tangent
-    continuation, value e^c (1 − c − d) − 1 + d and gradient held at 1 − e^c (docstring contract)."""
+    """float64: |d| ≤ clamp: value e^(−d) − 1 + d and gradient 1 − e^(−d) to rounding. d < −clamp: the
+    tangent continuation, value e^c (1 − c − d) − 1 + d and gradient held at 1 − e^c (docstring contract)."""
     for clamp in (20.0, 5.0):
         d = torch.linspace(-clamp, clamp, 4001, dtype=F64).requires_grad_(True)
         k = kdrl.kl_estimate(d, torch.zeros_like(d), "k3", clamp=clamp)
@@ -496,7 +499,9 @@ def test_full_kl_rejects_bad_shapes():
 
 def test_kl_reward_to_go_masks_and_detaches():
     """G_t = Σ_{t'≥t} γ^(t'−t) (teacher − logp)_t' within the mask, 0 on padding (even garbage), detached."""
-    logp = torch.tensor([[-1.0, -2.0, -0.5, float("nan")], [-0.25, float("inf"), 7.0, 1.0]], dtype=F64, requires_grad=True)
+    logp = torch.tensor(
+        [[-1.0, -2.0, -0.5, float("nan")], [-0.25, float("inf"), 7.0, 1.0]], dtype=F64, requires_grad=True
+    )
     teacher = torch.tensor([[-2.0, -1.0, -1.5, float("-inf")], [-0.75, 3.0, float("nan"), 1.0]], dtype=F64)
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
     G1 = kdrl.kl_reward_to_go(logp, teacher, mask, 1.0)
@@ -504,7 +509,9 @@ def test_kl_reward_to_go_masks_and_detaches():
     G0 = kdrl.kl_reward_to_go(logp, teacher, mask, 0.0)
     assert not G1.requires_grad
     assert torch.equal(G1, torch.tensor([[-1.0, 0.0, -1.0, 0.0], [-0.5, 0, 0, 0]], dtype=F64))
-    assert torch.equal(Gh, torch.tensor([[-1.0 + 0.5 * (1.0 + 0.5 * -1.0), 1.0 + 0.5 * -1.0, -1.0, 0.0], [-0.5, 0, 0, 0]], dtype=F64))
+    assert torch.equal(
+        Gh, torch.tensor([[-1.0 + 0.5 * (1.0 + 0.5 * -1.0), 1.0 + 0.5 * -1.0, -1.0, 0.0], [-0.5, 0, 0, 0]], dtype=F64)
+    )
     assert torch.equal(G0, torch.tensor([[-1.0, 1.0, -1.0, 0.0], [-0.5, 0, 0, 0]], dtype=F64))
 
 
@@ -583,8 +590,9 @@ def test_grpo_advantages_constant_group_residue_is_exactly_zero():
 @settings(max_examples=200, **_SETTINGS)
 @given(_reward_batches(-1e3, 1e3), st.floats(1e-3, 1e3), st.floats(-1e3, 1e3))
 def test_grpo_advantages_affine_invariance(batch, a, b):
-    """r → a·r + b (a > 0). eps = 0: A unchanged to float64 rounding. Default eps: A' − A = A·eps(1 − 1/a)/(s + eps/a)
-    exactly before rounding, so the relative change is bounded by eps·|1 − 1/a|/(s + eps/a) and the bound is attained."""
+    """r → a·r + b (a > 0). eps = 0: A unchanged to float64 rounding. Default eps:
+    A' − A = A·eps(1 − 1/a)/(s + eps/a) exactly before rounding, so the relative change is bounded by
+    eps·|1 − 1/a|/(s + eps/a) and the bound is attained."""
     G, rewards = batch
     r = torch.tensor(rewards, dtype=F64)
     r2 = a * r + b
@@ -674,7 +682,7 @@ def test_beta_schedule():
     assert kdrl.beta_schedule(0, *args) == 5e-3
     assert kdrl.beta_schedule(200, *args) == kdrl.beta_schedule(80, *args)
     values = [kdrl.beta_schedule(s, *args) for s in range(100)]
-    assert all(x >= y for x, y in zip(values, values[1:]))
+    assert all(x >= y for x, y in itertools.pairwise(values))
 
 
 # -----------------------------------------------------------------------------
@@ -684,7 +692,10 @@ def test_beta_schedule():
 def _batch(B=4, T=6, seed=0, lengths=(6, 4, 1, 3)):
     """A float64 response batch with old ≠ logp (so the clip bites) and a teacher far enough to clamp in TRRD."""
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.rand(*s, generator=g, dtype=F64)
+
+    def rnd(*shape):
+        return torch.rand(*shape, generator=g, dtype=F64)
+
     logp = -3 * rnd(B, T) - 0.05
     old = logp + 0.6 * (rnd(B, T) - 0.5)
     teacher = logp + 3.0 * (rnd(B, T) - 0.5)
@@ -719,7 +730,7 @@ def _grpo_loop(logp, old, adv, mask, cfg):
     if cfg.loss_agg == "token-mean":
         return sum(seq_sums) / sum(seq_lens)
     if cfg.loss_agg == "seq-mean":
-        return sum(s / max(n, 1) for s, n in zip(seq_sums, seq_lens)) / B
+        return sum(s / max(n, 1) for s, n in zip(seq_sums, seq_lens, strict=True)) / B
     return sum(seq_sums) / (cfg.max_new_tokens * B)
 
 
@@ -754,9 +765,10 @@ def test_trrd_alpha1_is_grpo_exactly(agg, beta):
 
 @pytest.mark.parametrize("alpha", [0.5, 0.3, 0.0])
 def test_trrd_clamp_gradient(alpha):
-    """With the clip out of the way, ∂loss/∂logp_t = −A·ρ_t·(∂log ρ_t/∂logp_t)/n, so ∂log ρ/∂logp is read off the
-    loss gradient: exactly α where |logp − teacher| > c (the clamp passes nothing), 1 inside. ρ is the
-    definition α·log(π/π_old) + (1−α)·clamp(log(π/π_T), −c, c) and metrics["ratio"] is its token mean."""
+    """With the clip out of the way, ∂loss/∂logp_t = −A·ρ_t·(∂log ρ_t/∂logp_t)/n, so ∂log ρ/∂logp is
+    read off the loss gradient: exactly α where |logp − teacher| > c (the clamp passes nothing), 1 inside.
+    ρ is the definition α·log(π/π_old) + (1−α)·clamp(log(π/π_T), −c, c) and metrics["ratio"] is its token
+    mean."""
     logp = torch.tensor([[-1.0, -0.2, -3.0, -0.7, -2.0, -0.4]], dtype=F64, requires_grad=True)
     teacher = torch.tensor([[-3.5, -0.5, -1.2, -0.1, -2.0, -4.0]], dtype=F64)  # d = 2.5, .3, −1.8, −.6, 0, 3.6
     old = logp.detach() + torch.tensor([[0.1, -0.2, 0.05, 0.0, 0.3, -0.1]], dtype=F64)
@@ -881,7 +893,8 @@ def test_minibatch_gradients_add_up(agg, kd, trrd):
     correct = torch.tensor([False, True, False, False, False, False])
     mode, kind = kd
     for kd_mask, splits in (("none", [(0, 2), (2, 5), (5, 6)]), ("group", [(0, 3), (3, 6)])):
-        cfg = _cfg(loss_agg=agg, kd_mode=mode, kd_kind=kind, trrd_alpha=trrd, kd_mask=kd_mask, group_size=3, max_new_tokens=8)
+        cfg = _cfg(loss_agg=agg, kd_mode=mode, kd_kind=kind, trrd_alpha=trrd, kd_mask=kd_mask, group_size=3,
+                   max_new_tokens=8)
         loss, grad, _ = _call(logp, old, teacher, adv, mask, correct, cfg, 0.4)
         n_tok, n_seq = mask.sum().item(), mask.shape[0]
         total = 0.0
@@ -903,18 +916,24 @@ def _one_token_expected_grad(student, teacher, sampler, adv, cfg, beta, weighted
     for y in range(student.shape[0]):
         weight = (old_all[y] - logq[y]).exp().view(1, 1) if weighted else None
         loss, _ = kdrl.kdrl_loss(logp_all[y].view(1, 1), old_all[y].view(1, 1), teacher_all[y].view(1, 1), adv,
-                                 torch.ones(1, 1, dtype=torch.bool), torch.tensor([False]), cfg, beta, token_weight=weight)
+                                 torch.ones(1, 1, dtype=torch.bool), torch.tensor([False]), cfg, beta,
+                                 token_weight=weight)
         total = total + logq[y].exp() * loss
     return _grad(total, student)
 
 
 @settings(max_examples=25, **_SETTINGS)
-@given(st.integers(2, 5), st.sampled_from(["loss", "reward"]), st.sampled_from([None, 0.5]), st.floats(-2, 2), st.data())
+@given(st.integers(2, 5), st.sampled_from(["loss", "reward"]), st.sampled_from([None, 0.5]), st.floats(-2, 2),
+       st.data())
 def test_token_weight_corrects_another_sampler_for_both_terms(V, kd_mode, trrd, a, data):
     """One-token responses sampled by another engine q (vLLM) instead of π_old: with token_weight = π_old/q,
     Σ_y q(y) ∇loss(y) = Σ_y π_old(y) ∇loss(y) exactly. With advantage 0 in loss mode the whole gradient is the
     KD term's, so the weight reaches the KD term too (TRL's own correction weights the policy term only)."""
-    draw = lambda: torch.tensor(data.draw(st.lists(st.floats(-3, 3), min_size=V, max_size=V)), dtype=F64)
+
+    def draw():
+        """One row of V logits drawn by hypothesis."""
+        return torch.tensor(data.draw(st.lists(st.floats(-3, 3), min_size=V, max_size=V)), dtype=F64)
+
     student, teacher, sampler = draw().requires_grad_(True), draw(), draw()
     cfg = _cfg(kd_kind="k2", kd_mode=kd_mode, trrd_alpha=trrd, group_size=1, max_new_tokens=1)
     for adv in (torch.tensor([a], dtype=F64), torch.zeros(1, dtype=F64)):
@@ -1027,9 +1046,12 @@ CHARS = "0123456789+=#| "
 def _tiny(kind: str, vocab_size: int, seed: int):
     """A random tiny causal LM whose logit width vocab_size pads past the tokenizer's length."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, eos_token_id=2, pad_token_id=0, bos_token_id=None)
-    return (LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))).eval()
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=2,
+                  pad_token_id=0, bos_token_id=None)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -1046,8 +1068,9 @@ def pair(tmp_path_factory):
 
 
 def _argv(root: Path, out: Path, *extra):
-    return ["--student", str(root / "student"), "--teacher", str(root / "teacher"), "--train", str(root / "train.jsonl"),
-            "--out", str(out), "--steps", "2", "--group-size", "4", "--prompts-per-step", "2", "--max-new-tokens", "8",
+    return ["--student", str(root / "student"), "--teacher", str(root / "teacher"),
+            "--train", str(root / "train.jsonl"), "--out", str(out),
+            "--steps", "2", "--group-size", "4", "--prompts-per-step", "2", "--max-new-tokens", "8",
             "--minibatch-size", "4", "--lr", "1e-3", "--no-progress", *extra]
 
 
@@ -1064,11 +1087,13 @@ def _steps(out: Path) -> list[dict]:
 def test_every_preset_trains(pair, tmp_path, method):
     """Each preset runs 2 steps end to end through main(argv), logs every step and saves a checkpoint."""
     out = tmp_path / method
-    assert kdrl.main(_argv(pair, out, "--method", method, "--mu", "2", "--eval", str(pair / "train.jsonl"), "--eval-limit", "4")) == 0
+    argv = _argv(pair, out, "--method", method, "--mu", "2", "--eval", str(pair / "train.jsonl"), "--eval-limit", "4")
+    assert kdrl.main(argv) == 0
     rows = _steps(out)
     assert [r["step"] for r in rows] == [0, 1]
     sft = method.startswith("sft")
-    keys = {"grad_norm", "beta", "reward", "acc", "length", "truncated"} | ({"sft_loss", "sft_kept"} if sft else {"pg_loss", "entropy", "clip_frac", "ratio", "kd_frac"})
+    method_keys = {"sft_loss", "sft_kept"} if sft else {"pg_loss", "entropy", "clip_frac", "ratio", "kd_frac"}
+    keys = {"grad_norm", "beta", "reward", "acc", "length", "truncated"} | method_keys
     teacher_keys = {"kd_loss", "kl_k1", "kl_k3"}  # logged only when the teacher was scored
     assert keys <= set(rows[0])
     no_teacher = method == "grpo" or sft
@@ -1089,12 +1114,18 @@ def test_gradient_checkpointing_is_active_and_changes_nothing(pair, tmp_path):
         if gc:
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         layer = model.model.layers[0]
-        hook = layer.register_forward_pre_hook(lambda m, a, kw: modes.append((gc, m.training, torch.is_grad_enabled())), with_kwargs=True)
-        cfg = kdrl.KDRLConfig(out=str(tmp_path / str(gc)), steps=2, group_size=2, prompts_per_step=2, max_new_tokens=6, lr=1e-2, progress=False)
+
+        def record_mode(module, args, kwargs, gc=gc):  # gc bound now, not looked up when the hook runs
+            modes.append((gc, module.training, torch.is_grad_enabled()))
+
+        hook = layer.register_forward_pre_hook(record_mode, with_kwargs=True)
+        cfg = kdrl.KDRLConfig(out=str(tmp_path / str(gc)), steps=2, group_size=2, prompts_per_step=2, max_new_tokens=6,
+                              lr=1e-2, progress=False)
         kdrl.train(cfg, model, _tiny("qwen2", 32, 1), tok, data, kdrl.math_reward)
         hook.remove()
         weights.append(model.state_dict())
-    assert {(gc, training) for gc, training, grad in modes if grad} == {(False, False), (True, True)}  # the update's forwards
+    # the update's forwards
+    assert {(gc, training) for gc, training, grad in modes if grad} == {(False, False), (True, True)}
     assert all(not training for gc, training, grad in modes if not grad)  # sampling and scoring: eval mode
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=1e-6)
@@ -1126,7 +1157,8 @@ def test_presets_and_flags_map_onto_config():
 def test_cli_subprocess(pair, tmp_path):
     """One real interpreter run of the documented command."""
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "kdrl.py", *_argv(pair, out, "--method", "kdrl")], capture_output=True, text=True, cwd=Path(__file__).parent)
+    r = subprocess.run([sys.executable, "kdrl.py", *_argv(pair, out, "--method", "kdrl")], capture_output=True,
+                       text=True, cwd=Path(__file__).parent)
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stdout and len(_steps(out)) == 2
 
@@ -1200,14 +1232,17 @@ def test_bad_inputs(pair, tmp_path, capsys):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(pair, tmp_path, capsys):
     """A diverging run (absurd lr) stops with the step and the offending metric; the last good checkpoint stays."""
     out = tmp_path / "nan"
-    err = _fails(_argv(pair, out, "--method", "kd", "--lr", "1e30", "--max-grad-norm", "0", "--save-every", "1", "--steps", "4"), capsys, "non-finite")
+    argv = _argv(pair, out, "--method", "kd", "--lr", "1e30", "--max-grad-norm", "0", "--save-every", "1",
+                 "--steps", "4")
+    err = _fails(argv, capsys, "non-finite")
     step = int(re.search(r"at step (\d+)", err).group(1))
     assert step >= 1
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["step"] == step  # the checkpoint saved after the last good step
     assert not (out / ".checkpoint.tmp").exists()
     # a NaN reward reaches the loss: the error names the step and the offending metric
-    cfg = kdrl.KDRLConfig(out=str(tmp_path / "nan2"), steps=2, group_size=2, prompts_per_step=2, max_new_tokens=4, progress=False)
+    cfg = kdrl.KDRLConfig(out=str(tmp_path / "nan2"), steps=2, group_size=2, prompts_per_step=2, max_new_tokens=4,
+                          progress=False)
     tok = char_tokenizer(CHARS)
     model = _tiny("llama", 24, 0)
     with pytest.raises(kdrl.KDRLError, match=r"non-finite loss at step 0 .*pg_loss"):
@@ -1238,7 +1273,9 @@ class _Scripted(torch.nn.Module):
     def __init__(self, tok, stop, width, end=None):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
-        self.five, self.eos, self.stop, self.width = tok.convert_tokens_to_ids("5"), end or tok.eos_token_id, stop, width
+        self.five = tok.convert_tokens_to_ids("5")
+        self.eos = end or tok.eos_token_id
+        self.stop, self.width = stop, width
 
     def forward(self, input_ids, attention_mask, position_ids, **kw):
         B, L = input_ids.shape
@@ -1269,7 +1306,8 @@ def test_response_mask_keeps_eos_drops_padding_flags_truncation(pad_is_eos):
 
 def _naive_logprobs(model, ro, V, temperature=1.0):
     T = ro.response_mask.shape[1]
-    logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=kdrl._positions(ro.attention_mask)).logits
+    positions = kdrl._positions(ro.attention_mask)
+    logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=positions).logits
     logp = torch.log_softmax(logits[:, -T - 1 : -1, :V].float() / temperature, -1)
     return logp.gather(2, ro.response_ids[..., None]).squeeze(-1) * ro.response_mask
 
@@ -1292,10 +1330,11 @@ def test_token_logprobs_match_naive(kind, chunk):
         (out * weights).sum().backward()
         return out.detach(), [p.grad.clone() for p in model.parameters()]
 
-    ours, g1 = grads(lambda: kdrl.token_logprobs(model, ro.input_ids, ro.attention_mask, ro.response_mask, temperature=0.7, vocab_size=len(tok), chunk_size=chunk))
+    ours, g1 = grads(lambda: kdrl.token_logprobs(model, ro.input_ids, ro.attention_mask, ro.response_mask,
+                                                 temperature=0.7, vocab_size=len(tok), chunk_size=chunk))
     ref, g2 = grads(lambda: _naive_logprobs(model, ro, len(tok), 0.7))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     # the sampler's own log-probs are of the same (tempered, unpadded) distribution
     torch.testing.assert_close(ro.logprobs, ref, atol=1e-5, rtol=0)
@@ -1344,7 +1383,8 @@ def test_math_reward(completion, answer, expected):
 def test_correct_ignores_format_bonus_and_reward_errors_name_the_example():
     """The format bonus raises the reward, never `correct`; a failing reward function names its example."""
     examples = [{"prompt": "1+1=", "answer": 2, "_line": 7}]
-    rewards, correct = kdrl.score_completions(kdrl.math_reward, examples, ["#### 3", "#### 2", "nothing"], 3, format_bonus=0.1)
+    completions = ["#### 3", "#### 2", "nothing"]
+    rewards, correct = kdrl.score_completions(kdrl.math_reward, examples, completions, 3, format_bonus=0.1)
     torch.testing.assert_close(rewards, torch.tensor([0.1, 1.1, 0.0]))
     assert correct.tolist() == [False, True, False]
 
@@ -1381,7 +1421,8 @@ def test_demo_smoke_runs_every_arm(tmp_path):
     assert saved["preset"] == "smoke" and len(saved["rows"]) == 2 + len(arms)
     for m in arms:
         assert len(_steps(tmp_path / f"{m}-seed0")) == train_tiny.PRESETS["smoke"].rl["steps"]
-    assert {r["beta"] for r in result["rows"] if r["method"] in train_tiny.BETA_ARMS} == set(train_tiny.BETA_ARMS.values())
+    betas = {r["beta"] for r in result["rows"] if r["method"] in train_tiny.BETA_ARMS}
+    assert betas == set(train_tiny.BETA_ARMS.values())
 
 
 def test_demo_is_deterministic_on_one_machine(tmp_path):
@@ -1435,15 +1476,20 @@ def test_results_table_pairs_each_method_with_grpo_by_seed():
     import train_tiny
 
     def row(method, seed, acc, b):
-        return dict(method=method, seed=seed, id=acc, id_A=acc, id_B=b, ood=0.5, ood_seen=0.5, ood_unseen=0.5, length=20.0, wall_s=3.0)
+        return dict(method=method, seed=seed, id=acc, id_A=acc, id_B=b, ood=0.5, ood_seen=0.5, ood_unseen=0.5,
+                    length=20.0, wall_s=3.0)
 
-    rows = [row("teacher", 0, 0.9, 0.0), row("grpo", 0, 0.2, 0.1), row("grpo", 1, 0.4, 0.3), row("kd", 0, 0.3, 0.0), row("kd", 1, 0.6, 0.2)]
+    rows = [row("teacher", 0, 0.9, 0.0), row("grpo", 0, 0.2, 0.1), row("grpo", 1, 0.4, 0.3),
+            row("kd", 0, 0.3, 0.0), row("kd", 1, 0.6, 0.2)]
     lines = train_tiny.table(rows, ["teacher", "grpo", "kd"]).splitlines()
     assert lines[0].endswith("| ID − grpo | ID B − grpo |")
     assert lines[2] == "| teacher | 1 | 90.0 | 90.0 | 0.0 | 50.0 | 50.0 | 50.0 | — | — | 20.0 | 3 | — | — |"
-    assert lines[3] == "| grpo | 2 | 30.0 ± 10.0 | 30.0 ± 10.0 | 20.0 ± 10.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | — | — | 20.0 ± 0.0 | 3 ± 0 | — | — |"
+    assert lines[3] == ("| grpo | 2 | 30.0 ± 10.0 | 30.0 ± 10.0 | 20.0 ± 10.0 "
+                        "| 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | — | — | 20.0 ± 0.0 | 3 ± 0 | — | — |")
     assert lines[4].endswith("| +15.0 ± 5.0 | -10.0 ± 0.0 |")
-    assert train_tiny.significant(rows, ["grpo", "kd"]) == ["kd ID: +15.0 ± 5.0", "kd ID A: +15.0 ± 5.0", "kd ID B: -10.0 ± 0.0"]
+    assert train_tiny.significant(rows, ["grpo", "kd"]) == [
+        "kd ID: +15.0 ± 5.0", "kd ID A: +15.0 ± 5.0", "kd ID B: -10.0 ± 0.0"
+    ]
 
 
 def test_bench_prints_one_machine_readable_line_per_method(pair, capsys):
@@ -1452,7 +1498,8 @@ def test_bench_prints_one_machine_readable_line_per_method(pair, capsys):
 
     train_tiny.main(["--bench", "--bench-model", str(pair / "student")])
     lines = capsys.readouterr().out.strip().splitlines()[-2:]
-    pattern = r"bench {} median_step_s=\d+\.\d\d sampling_s=\d+\.\d\d teacher_s=\d+\.\d\d update_s=\d+\.\d\d tokens_per_s=\d+ mean_len=\d+\.\d"
+    pattern = (r"bench {} median_step_s=\d+\.\d\d sampling_s=\d+\.\d\d teacher_s=\d+\.\d\d update_s=\d+\.\d\d"
+               r" tokens_per_s=\d+ mean_len=\d+\.\d")
     assert re.fullmatch(pattern.format("grpo"), lines[0]) and re.fullmatch(pattern.format("kdrl"), lines[1])
 
 
@@ -1486,7 +1533,8 @@ def test_chunked_full_kl_equals_the_full_logits_computation(chunk, temperature):
         pos = kdrl._positions(ro.attention_mask)
         s = student(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits[:, -T - 1 : -1]
         with torch.no_grad():
-            t = teacher(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits[:, -T - 1 : -1]
+            t = teacher(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                        position_ids=pos).logits[:, -T - 1 : -1]
         s, t = s / temperature, t / temperature  # (B, T, 24), (B, T, 32)
         logp = torch.log_softmax(s[..., :V], -1).gather(2, ro.response_ids[..., None]).squeeze(-1)
         t_logp = torch.log_softmax(t[..., :V], -1).gather(2, ro.response_ids[..., None]).squeeze(-1)
@@ -1494,11 +1542,13 @@ def test_chunked_full_kl_equals_the_full_logits_computation(chunk, temperature):
 
     def chunked():
         with torch.no_grad():
-            t_logp, t_hidden = kdrl.token_logprobs(teacher, ro.input_ids, ro.attention_mask, mask, temperature=temperature,
-                                                   vocab_size=V, chunk_size=chunk, return_hidden=True)
+            t_logp, t_hidden = kdrl.token_logprobs(teacher, ro.input_ids, ro.attention_mask, mask,
+                                                   temperature=temperature, vocab_size=V, chunk_size=chunk,
+                                                   return_hidden=True)
         assert t_hidden.shape == (B, T, teacher.config.hidden_size)  # what is kept between the passes: no V in it
-        logp, kl = kdrl.token_logprobs(student, ro.input_ids, ro.attention_mask, mask, temperature=temperature, vocab_size=V,
-                                       chunk_size=chunk, kl_teacher=(teacher.get_output_embeddings(), t_hidden))
+        logp, kl = kdrl.token_logprobs(student, ro.input_ids, ro.attention_mask, mask, temperature=temperature,
+                                       vocab_size=V, chunk_size=chunk,
+                                       kl_teacher=(teacher.get_output_embeddings(), t_hidden))
         return logp, t_logp, kl
 
     results = []
@@ -1507,7 +1557,8 @@ def test_chunked_full_kl_equals_the_full_logits_computation(chunk, temperature):
         logp, t_logp, kl = fn()
         loss, metrics = kdrl.kdrl_loss(logp, logp.detach(), t_logp, adv, mask, correct, cfg, 0.7, exact_kl=kl)
         loss.backward()
-        results.append((loss.detach(), torch.where(mask, kl, 0.0).detach(), metrics, [p.grad.clone() for p in student.parameters()]))
+        grads = [p.grad.clone() for p in student.parameters()]
+        results.append((loss.detach(), torch.where(mask, kl, 0.0).detach(), metrics, grads))
     (loss_ref, kl_ref, m_ref, g_ref), (loss_new, kl_new, m_new, g_new) = results
     torch.testing.assert_close(kl_new, kl_ref, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(loss_new, loss_ref, atol=2e-6, rtol=1e-5)
@@ -1556,8 +1607,8 @@ class _OldCacheApi(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
         self.seen.append(past_key_values is not None)
         cache = {kdrl._cache_argument(self.inner): past_key_values}
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
-                         logits_to_keep=logits_to_keep, **cache)
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=use_cache, logits_to_keep=logits_to_keep, **cache)
         return types.SimpleNamespace(logits=out.logits, past_key_values=kdrl._returned_cache(out))
 
 
@@ -1583,7 +1634,8 @@ def test_sft_trains_only_on_ended_teacher_samples(tmp_path, method, reward, kept
     assert moved == (kept > 0)  # nothing kept: no optimizer step at all (AdamW would still move the weights)
 
 
-@pytest.mark.parametrize("rewards, expected", [((1.0, 1.0, 0.0, 1.0), 0.5), ((0.0, 1.0, 1.0, 0.0), 0.0), ((1.0,) * 4, 1.0)])
+@pytest.mark.parametrize("rewards, expected",
+                         [((1.0, 1.0, 0.0, 1.0), 0.5), ((0.0, 1.0, 1.0, 0.0), 0.0), ((1.0,) * 4, 1.0)])
 def test_zero_adv_frac_counts_groups_without_a_policy_gradient(tmp_path, rewards, expected):
     """zero_adv_frac is the share of groups whose rewards are all equal (advantage exactly 0)."""
     tok = char_tokenizer(CHARS)
@@ -1594,7 +1646,8 @@ def test_zero_adv_frac_counts_groups_without_a_policy_gradient(tmp_path, rewards
     def scripted_reward(prompt, completion, example):
         return next(calls)
 
-    kdrl.train(cfg, _tiny("llama", len(tok), 0), _tiny("llama", len(tok), 1), tok, [{"prompt": "1", "answer": 0}], scripted_reward)
+    student, teacher = _tiny("llama", len(tok), 0), _tiny("llama", len(tok), 1)
+    kdrl.train(cfg, student, teacher, tok, [{"prompt": "1", "answer": 0}], scripted_reward)
     (row,) = _steps(tmp_path / "z")
     assert row["zero_adv_frac"] == expected
 
@@ -1612,7 +1665,8 @@ def test_sampler_passes_the_cache_under_the_name_the_model_takes():
         new = _rollouts_for(tok, model, ["12+3=", "7="], group_size=2, max_new_tokens=6)
     old_api = _OldCacheApi(model)
     old = _rollouts_for(tok, old_api, ["12+3=", "7="], group_size=2, max_new_tokens=6)
-    assert old_api.seen[0] is False and all(old_api.seen[1:]) and len(old_api.seen) > 1  # the cache went in by its old name
+    # the cache went in by its old name
+    assert old_api.seen[0] is False and all(old_api.seen[1:]) and len(old_api.seen) > 1
     assert torch.equal(new.input_ids, old.input_ids) and torch.equal(new.response_mask, old.response_mask)
 
 
@@ -1695,8 +1749,8 @@ def test_every_preset_runs_on_a_real_vocabulary(large_pair, tmp_path, method):
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
     assert model.config.vocab_size == 151_936
     tok = AutoTokenizer.from_pretrained(out / "checkpoint")
-    assert tok.apply_chat_template([{"role": "user", "content": "1+1="}], tokenize=False, add_generation_prompt=True).endswith(
-        "<|im_start|>assistant\n")
+    chat = [{"role": "user", "content": "1+1="}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True).endswith("<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize("field, value, needle", [
@@ -1720,7 +1774,8 @@ def test_config_validation_names_the_field(field, value, needle):
 def test_full_kl_is_refused_in_reward_mode_and_without_a_kd_term():
     with pytest.raises(kdrl.KDRLError, match="kd_kind='full' needs kd_mode='loss'"):
         kdrl.validate_config(kdrl.KDRLConfig.from_method("kdrl-seq", kd_kind="full"))
-    for method in ("grpo", "rlad"):  # β = 0: nothing to compute (it used to crash in the loss, or run the KL for nothing)
+    # β = 0: nothing to compute (it used to crash in the loss, or run the KL for nothing)
+    for method in ("grpo", "rlad"):
         with pytest.raises(kdrl.KDRLError, match="kd_kind='full' with beta=0"):
             kdrl.validate_config(kdrl.KDRLConfig.from_method(method, kd_kind="full"))
 
@@ -1748,14 +1803,18 @@ def test_method_presets_are_one_entry_point_and_contradictions_are_refused(pair,
         with pytest.raises(kdrl.KDRLError) as e:
             kdrl.validate_config(cfg)
         assert needle in str(e.value), str(e.value)
-    for method, knobs in [("kd", dict(beta=0.5)), ("kdrl", dict(kd_kind="k3")), ("kdrl-mask", dict(kd_mask="group")),
-                          ("kdrl-anneal", dict(beta_decay_steps=200)), ("rlad", dict(trrd_alpha=0.3)), ("kdrl-seq", dict(kd_gamma=0.5))]:
+    tuned = [("kd", dict(beta=0.5)), ("kdrl", dict(kd_kind="k3")), ("kdrl-mask", dict(kd_mask="group")),
+             ("kdrl-anneal", dict(beta_decay_steps=200)), ("rlad", dict(trrd_alpha=0.3)),
+             ("kdrl-seq", dict(kd_gamma=0.5))]
+    for method, knobs in tuned:
         kdrl.validate_config(kdrl.KDRLConfig.from_method(method, **knobs))
     with pytest.raises(kdrl.KDRLError, match="contradicts method='grpo'"):
-        kdrl.train(kdrl.KDRLConfig(method="grpo", out=str(tmp_path / "x")), None, None, None, [{"prompt": "1", "answer": 1}], kdrl.math_reward)
+        cfg = kdrl.KDRLConfig(method="grpo", out=str(tmp_path / "x"))
+        kdrl.train(cfg, None, None, None, [{"prompt": "1", "answer": 1}], kdrl.math_reward)
     assert not (tmp_path / "x").exists()
     # the CLI: a flag that contradicts the method is refused; one that tunes a preset value says it won
-    _fails(_argv(pair, tmp_path / "y", "--method", "grpo", "--beta", "0.01"), capsys, "beta=0.01 contradicts method='grpo'")
+    _fails(_argv(pair, tmp_path / "y", "--method", "grpo", "--beta", "0.01"), capsys,
+           "beta=0.01 contradicts method='grpo'")
     cfg = kdrl.config_from_args(["--method", "kd", "--beta", "0.5"])
     assert cfg.beta == 0.5 and "--beta 0.5 overrides --method kd's beta=1.0" in capsys.readouterr().err
     assert kdrl.config_from_args(["--method", "rlad", "--trrd-alpha", "none", "--beta-min", "none"]).trrd_alpha is None
@@ -1772,7 +1831,8 @@ def test_grpo_advantages_exact_under_power_of_two_scaling(rewards, k, G):
     assert torch.isfinite(big).all()
     assert torch.equal(big, A)
     r32 = r.float()
-    assert torch.equal(kdrl.grpo_advantages(r32 * 2.0 ** min(k, 120), G, eps=0.0), kdrl.grpo_advantages(r32, G, eps=0.0))
+    assert torch.equal(kdrl.grpo_advantages(r32 * 2.0 ** min(k, 120), G, eps=0.0),
+                       kdrl.grpo_advantages(r32, G, eps=0.0))
 
 
 # --- resume -----------------------------------------------------------------------------------------------------
@@ -1805,7 +1865,8 @@ def test_resume_refuses_a_config_that_changes_the_math(pair, one_step_run, tmp_p
         shutil.copy(pair / "train.jsonl", other)
         flags = (flags[0], str(other))
     before = (out / "checkpoint" / "model.safetensors").read_bytes()
-    err = _fails(_argv(pair, out, "--method", "kdrl", "--steps", "2", "--resume", *flags), capsys, "--resume", f"{field} (checkpoint ")
+    argv = _argv(pair, out, "--method", "kdrl", "--steps", "2", "--resume", *flags)
+    err = _fails(argv, capsys, "--resume", f"{field} (checkpoint ")
     assert "--" + field.replace("_", "-") in err
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == before  # untouched
     assert len(_steps(out)) == 1
@@ -1819,6 +1880,28 @@ def test_resume_allows_what_leaves_the_math_alone_and_refuses_fewer_steps(pair, 
     argv = _argv(pair, tmp_path / "run2", "--method", "kdrl", "--steps", "2", "--resume", "--minibatch-size", "2",
                  "--logprob-chunk", "3", "--save-every", "1", "--eval-limit", "2")
     assert kdrl.main(argv) == 0 and len(_steps(tmp_path / "run2")) == 2
+
+
+def _step_lines(text: str) -> list[dict]:
+    """The `|`-separated per-step lines in printed output, each as {field: value}."""
+    lines = [line for line in text.splitlines() if line.startswith("step ") and " | " in line]
+    return [dict(field.split(" ", 1) for field in line.split(" | ")) for line in lines]
+
+
+def test_step_lines_every_step_without_a_bar_and_every_log_every_steps_with_one(pair, tmp_path, capsys):
+    """--no-progress prints one `|` line per step, with that step's numbers as metrics.jsonl has them; with the
+    progress bar, one line every --log-every steps."""
+    out = tmp_path / "plain"
+    assert kdrl.main(_argv(pair, out, "--method", "kdrl", "--steps", "3")) == 0
+    lines = _step_lines(capsys.readouterr().out)
+    assert [line["step"] for line in lines] == ["1/3", "2/3", "3/3"]
+    for line, row in zip(lines, _steps(out), strict=True):
+        assert line["reward"] == f"{row['reward']:.3f}" and line["kl"] == f"{row['kl_k1']:.4f}"
+        assert line["pg_loss"] == f"{row['pg_loss']:.4f}" and line["len"] == f"{row['length']:.0f}"
+    argv = [arg for arg in _argv(pair, tmp_path / "bar", "--method", "grpo", "--steps", "3") if arg != "--no-progress"]
+    assert kdrl.main([*argv, "--log-every", "2"]) == 0
+    lines = _step_lines(capsys.readouterr().out)
+    assert [line["step"] for line in lines] == ["2/3"] and "kl" not in lines[0]  # grpo scores no teacher
 
 
 def test_resume_refuses_a_checkpoint_missing_a_field(pair, one_step_run, tmp_path, capsys):
@@ -1839,7 +1922,8 @@ def test_resume_loads_no_pickled_code(pair, one_step_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(one_step_run, out)
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
-    torch.save(dict(state, payload=_Scripted), out / "checkpoint" / "trainer_state.pt")  # a class: needs unpickling code
+    # a class: needs unpickling code
+    torch.save(dict(state, payload=_Scripted), out / "checkpoint" / "trainer_state.pt")
     err = _fails(_argv(pair, out, "--method", "kdrl", "--steps", "2", "--resume"), capsys, "--resume")
     assert "cannot read the checkpoint" in err and "UnpicklingError" in err
 
@@ -1913,9 +1997,10 @@ def _trl_trainer(kdrl_trl, pair, tmp_path, method, **overrides):
     tok = kdrl.load_tokenizer(cfg.student, "student")
     examples = kdrl.load_jsonl(cfg.train)
     student = kdrl.load_model(cfg.student, torch.device("cpu"), torch.float32, "student")
-    return kdrl_trl.KDRLTrainer(cfg, student, cfg.teacher, kdrl.math_reward, examples, args=kdrl_trl.grpo_config(cfg, 1),
-                                train_dataset=kdrl_trl.dataset_for(tok, examples), processing_class=tok,
-                                rollout_func=_fixed_rollouts), cfg, tok, examples
+    trainer = kdrl_trl.KDRLTrainer(cfg, student, cfg.teacher, kdrl.math_reward, examples,
+                                   args=kdrl_trl.grpo_config(cfg, 1), train_dataset=kdrl_trl.dataset_for(tok, examples),
+                                   processing_class=tok, rollout_func=_fixed_rollouts)
+    return trainer, cfg, tok, examples
 
 
 @pytest.mark.parametrize("method", TRL_METHODS)
@@ -1929,7 +2014,8 @@ def test_trl_loss_and_gradient_equal_kdrl(kdrl_trl, pair, tmp_path, method, monk
         overrides["kd_baseline"] = "none"  # the leave-one-out baseline needs whole groups: refused in TRL
     trainer, cfg, tok, examples = _trl_trainer(kdrl_trl, pair, tmp_path, method, **overrides)
     G, index = cfg.group_size, (0, 5)
-    batch = trainer._generate_and_score_completions([dict(prompt=examples[i]["prompt"], kdrl_index=i) for i in index for _ in range(G)])
+    inputs = [dict(prompt=examples[i]["prompt"], kdrl_index=i) for i in index for _ in range(G)]
+    batch = trainer._generate_and_score_completions(inputs)
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     mask = batch["completion_mask"].bool()
@@ -1939,7 +2025,10 @@ def test_trl_loss_and_gradient_equal_kdrl(kdrl_trl, pair, tmp_path, method, monk
     truncated = ~(batch["completion_ids"] == tok.eos_token_id).any(1)
     ro = kdrl.Rollouts(ids, attn, mask, torch.zeros(B, T), truncated)
     rewards, correct = kdrl.score_completions(kdrl.math_reward, [examples[i] for i in index], kdrl.decode(tok, ro), G)
-    assert 0 < correct.sum() < B and mask.sum(1).tolist() == [len(c) for c in _fixed_rollouts([examples[i]["prompt"] for i in index for _ in range(G)], trainer)["completion_ids"]]
+    prompts = [examples[i]["prompt"] for i in index for _ in range(G)]
+    assert 0 < correct.sum() < B and (
+        mask.sum(1).tolist() == [len(c) for c in _fixed_rollouts(prompts, trainer)["completion_ids"]]
+    )
     adv = kdrl.grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps) if cfg.use_reward else torch.zeros(B)
     torch.testing.assert_close(batch["advantages"], adv, rtol=0, atol=0)
     assert torch.equal(batch["kd_keep"], kdrl.kd_response_mask(correct, cfg.kd_mask, G))
@@ -1964,7 +2053,7 @@ def test_trl_loss_and_gradient_equal_kdrl(kdrl_trl, pair, tmp_path, method, monk
     grads_ref = torch.autograd.grad(loss_ref, list(reference.parameters()), allow_unused=True)
     grads = torch.autograd.grad(loss, list(trainer.model.parameters()), allow_unused=True)
     assert loss_ref.abs().item() > 0 and any(gr is not None and gr.abs().max() > 0 for gr in grads_ref)
-    for name, a, b in zip(names, grads, grads_ref):
+    for name, a, b in zip(names, grads, grads_ref, strict=True):
         if b is None:
             assert a is None or a.abs().max() == 0, name
         else:
@@ -2030,7 +2119,8 @@ cfg, options = kdrl_trl.parse(sys.argv[1:])
 # (with eps = 1e-8 it is ≈ lr·sign(g), which turns float rounding in near-zero gradients into whole steps)
 trainer = kdrl_trl.run(cfg, dict(options, adam_epsilon=1.0), rollout_func=test_kdrl._fixed_rollouts)
 model = trainer.accelerator.unwrap_model(trainer.model)
-torch.save({{k: v.detach().clone() for k, v in model.state_dict().items()}}, f"{{cfg.out}}/rank{{trainer.accelerator.process_index}}.pt")
+state = {{k: v.detach().clone() for k, v in model.state_dict().items()}}
+torch.save(state, f"{{cfg.out}}/rank{{trainer.accelerator.process_index}}.pt")
 kdrl_trl.shutdown()
 """
 
@@ -2042,13 +2132,16 @@ def test_trl_two_processes_equal_one(kdrl_trl, pair, tmp_path):
     repo = Path(__file__).parent
     driver = tmp_path / "driver.py"
     driver.write_text(_DDP_DRIVER.format(repo=str(repo)))
-    env = {**__import__("os").environ, "ACCELERATE_USE_CPU": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**__import__("os").environ, "ACCELERATE_USE_CPU": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
+           "OMP_NUM_THREADS": "1"}
     for method, agg in (("kdrl", "token-mean"), ("kdrl-seq", "seq-mean")):
-        flags = ("--method", method, "--loss-agg", agg, "--kd-baseline", "none", "--steps", "1", "--prompts-per-step", "4", "--lr", "1e-2",
-                 "--beta", "0.5")
+        flags = ("--method", method, "--loss-agg", agg, "--kd-baseline", "none", "--steps", "1",
+                 "--prompts-per-step", "4", "--lr", "1e-2", "--beta", "0.5")
         one, two = tmp_path / f"{method}-1", tmp_path / f"{method}-2"
-        for out, launcher in ((one, [sys.executable]), (two, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])):
-            r = subprocess.run([*launcher, str(driver), *_trl_argv(pair, out, *flags)], capture_output=True, text=True, env=env, cwd=repo)
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        for out, launcher in ((one, [sys.executable]), (two, torchrun)):
+            r = subprocess.run([*launcher, str(driver), *_trl_argv(pair, out, *flags)], capture_output=True, text=True,
+                               env=env, cwd=repo)
             assert r.returncode == 0, r.stderr[-3000:]
         a, b, c = (torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt"))
         w0 = AutoModelForCausalLM.from_pretrained(pair / "student").state_dict()

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
 import kdrl
 
@@ -146,29 +146,35 @@ def solution(a: int, b: int, digits: int, drop_carry_in_b: bool = False) -> str:
     """Column-by-column working, units first: `7+5=12|4+8+1=13|#### 132`. drop_carry_in_b: the teacher's version,
     which forgets the units carry in region B (`7+5=12|4+8=12|#### 122`), self-consistently."""
     steps, carry, total = [], 0, 0
-    for i in range(digits):
-        x, y = a // 10**i % 10, b // 10**i % 10
-        s = x + y + carry
-        steps.append(f"{x}+{y}" + ("+1" if carry else "") + f"={s}")
-        total += s % 10 * 10**i
-        carry = 0 if (i == 0 and drop_carry_in_b and in_region_b(a, b)) else s // 10
+    for i in range(digits):  # column i, units first: place value 10**i
+        digit_a, digit_b = a // 10**i % 10, b // 10**i % 10
+        column_sum = digit_a + digit_b + carry
+        steps.append(f"{digit_a}+{digit_b}" + ("+1" if carry else "") + f"={column_sum}")
+        total += column_sum % 10 * 10**i
+        carry = 0 if (i == 0 and drop_carry_in_b and in_region_b(a, b)) else column_sum // 10
     return "|".join(steps) + f"|#### {total + carry * 10**digits}"
 
 
 def example(a: int, b: int, digits: int) -> dict:
     buggy = solution(a, b, digits, drop_carry_in_b=True)
-    return dict(prompt=f"{a}+{b}=", answer=str(a + b), solution=solution(a, b, digits), teacher_solution=buggy,
-                teacher_answer=buggy.split("#### ")[1], region="B" if in_region_b(a, b) else "A",
-                carry=(a % 10 + b % 10) >= 10)
+    return dict(
+        prompt=f"{a}+{b}=",
+        answer=str(a + b),
+        solution=solution(a, b, digits),
+        teacher_solution=buggy,
+        teacher_answer=buggy.split("#### ")[1],
+        region="B" if in_region_b(a, b) else "A",
+        carry=(a % 10 + b % 10) >= 10,
+    )
 
 
 def make_splits(p: Preset, seed: int = 1234) -> dict[str, list[dict]]:
     """Disjoint splits, a fixed seed so every run sees the same data. ood: every problem whose leading digits are
     equal (77+74=; all 900 at 2 digits); train / val / test: the others, shuffled."""
-    lo, hi = 10 ** (p.digits - 1), 10**p.digits - 1
+    lo, hi = 10 ** (p.digits - 1), 10**p.digits - 1  # the smallest and largest operand
     pairs = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1)]
     random.Random(seed).shuffle(pairs)
-    ood = [example(a, b, p.digits) for a, b in pairs if a // lo == b // lo][: p.n_ood]
+    ood = [example(a, b, p.digits) for a, b in pairs if a // lo == b // lo][: p.n_ood]  # a // lo: leading digit
     rest = [(a, b) for a, b in pairs if a // lo != b // lo]
     cuts = [p.n_train, p.n_train + p.n_val, p.n_train + p.n_val + p.n_test]
     rows = [example(a, b, p.digits) for a, b in rest[: cuts[2]]]
@@ -179,24 +185,33 @@ def subsets(data: dict, limit: int | None = None) -> dict[str, list[dict]]:
     """The reported populations: ID (test) by region, OOD by whether it needs a step never seen in training.
     limit: at most this many problems from each of id_A, id_B, ood (the curves' cheaper evaluation)."""
     test, ood = data["test"], data["ood"]
-    out = dict(id_A=[e for e in test if e["region"] == "A"], id_B=[e for e in test if e["region"] == "B"],
-               ood_seen=[e for e in ood if not e["carry"]], ood_unseen=[e for e in ood if e["carry"]])
+    populations = dict(
+        id_A=[ex for ex in test if ex["region"] == "A"],
+        id_B=[ex for ex in test if ex["region"] == "B"],
+        ood_seen=[ex for ex in ood if not ex["carry"]],
+        ood_unseen=[ex for ex in ood if ex["carry"]],
+    )
     if limit:
-        n_ood = min(limit, len(ood)) // 2
-        return dict(id_A=out["id_A"][:limit], id_B=out["id_B"][:limit], ood_seen=out["ood_seen"][:n_ood],
-                    ood_unseen=out["ood_unseen"][:n_ood])
-    return out
+        n_ood = min(limit, len(ood)) // 2  # per OOD population
+        return dict(
+            id_A=populations["id_A"][:limit],
+            id_B=populations["id_B"][:limit],
+            ood_seen=populations["ood_seen"][:n_ood],
+            ood_unseen=populations["ood_unseen"][:n_ood],
+        )
+    return populations
+
 
 def char_tokenizer(chars: str = VOCAB) -> PreTrainedTokenizerFast:
     """A character-level transformers tokenizer built in code: one id per character, plus pad/unk/eos."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<eos>", *dict.fromkeys(chars)])}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every character is a token
-    t.decoder = decoders.Fuse()  # join characters back without spaces
+    vocab = {token: index for index, token in enumerate(["<pad>", "<unk>", "<eos>", *dict.fromkeys(chars)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every character is a token
+    backend.decoder = decoders.Fuse()  # join characters back without spaces
     # pad != eos, so the model is taught to stop (kdrl masks by position anyway)
-    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
 # -----------------------------------------------------------------------------
@@ -205,9 +220,17 @@ def char_tokenizer(chars: str = VOCAB) -> PreTrainedTokenizerFast:
 
 def new_model(tok, arch: dict, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    h = arch["hidden_size"]
-    cfg = LlamaConfig(vocab_size=len(tok), intermediate_size=4 * h, num_key_value_heads=arch["num_attention_heads"], max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=True, **arch)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        intermediate_size=4 * arch["hidden_size"],
+        num_key_value_heads=arch["num_attention_heads"],  # plain multi-head attention
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        **arch,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -216,21 +239,32 @@ def supervised(model, tok, examples: list[dict], steps: int, lr: float, batch: i
     """Next-token NLL on prompt → ex[target] (a worked solution) + EOS, loss on the response only. `check()` every
     check_every steps may return True to stop early (the teacher trains "until strong", the student "until not
     hopeless")."""
-    rng, opt = random.Random(seed), torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     device = next(model.parameters()).device
     model.train()
     for step in (bar := tqdm(range(steps), desc=desc, dynamic_ncols=True, leave=False)):
-        rows = rng.sample(examples, batch)
-        seqs = [(tok(ex["prompt"])["input_ids"], tok(ex[target])["input_ids"] + [tok.eos_token_id]) for ex in rows]
-        L = max(len(p) + len(r) for p, r in seqs)
-        ids = torch.tensor([p + r + [tok.pad_token_id] * (L - len(p) - len(r)) for p, r in seqs], device=device)  # (B, L) right-padded
-        labels = torch.tensor([[-100] * len(p) + r + [-100] * (L - len(p) - len(r)) for p, r in seqs], device=device)
-        prompt_lengths = torch.tensor([len(p) for p, _ in seqs], device=device)
+        batch_examples = rng.sample(examples, batch)
+        # (prompt ids, response ids + EOS) per example
+        seqs = [
+            (tok(ex["prompt"])["input_ids"], tok(ex[target])["input_ids"] + [tok.eos_token_id])
+            for ex in batch_examples
+        ]
+        L = max(len(prompt) + len(response) for prompt, response in seqs)  # the longest sequence in the batch
+        ids = torch.tensor(
+            [prompt + response + [tok.pad_token_id] * (L - len(prompt) - len(response)) for prompt, response in seqs],
+            device=device,
+        )  # (B, L) right-padded
+        labels = torch.tensor(
+            [[-100] * len(prompt) + response + [-100] * (L - len(prompt) - len(response)) for prompt, response in seqs],
+            device=device,
+        )  # (B, L): -100 (ignored by the loss) on the prompt and the padding
+        prompt_lengths = torch.tensor([len(prompt) for prompt, _ in seqs], device=device)  # (B,)
         attention = (labels != -100) | (torch.arange(L, device=device) < prompt_lengths[:, None])  # (B, L)
         loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if check and (step + 1) % check_every == 0:
             model.eval()
@@ -249,33 +283,38 @@ def accuracy(model, tok, examples: list[dict], p: Preset, temperature: float = 0
     runs on its own seeded RNG stream, restored afterwards, so evaluating never changes what training samples."""
     if not examples:
         return float("nan")
-    device, scores = next(model.parameters()).device, []
+    device = next(model.parameters()).device
+    scores = []  # one per problem: the fraction of its k responses that are correct
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
-        for i in range(0, len(examples), 512):
-            chunk = examples[i : i + 512]
+        for start in range(0, len(examples), 512):
+            chunk = examples[start : start + 512]
             prompts = [ex["prompt"] for ex in chunk]
-            ro = kdrl.sample_rollouts(model, tok, prompts, k, p.rl["max_new_tokens"], temperature)
-            texts = kdrl.decode(tok, ro)
-            for j, ex in enumerate(chunk):
+            rollouts = kdrl.sample_rollouts(model, tok, prompts, k, p.rl["max_new_tokens"], temperature)
+            texts = kdrl.decode(tok, rollouts)  # k consecutive responses per prompt
+            for problem, ex in enumerate(chunk):
                 gold = dict(ex, answer=ex[answer])
-                scores.append(sum(kdrl.math_reward(ex["prompt"], texts[j * k + m], gold) for m in range(k)) / k)
+                hits = sum(kdrl.math_reward(ex["prompt"], texts[problem * k + sample], gold) for sample in range(k))
+                scores.append(hits / k)
     return sum(scores) / len(scores)
 
 
-def evaluate(model, tok, populations: dict[str, list[dict]], p: Preset, k: int = 0, sizes: dict | None = None) -> dict:
+def evaluate(
+    model, tok, populations: dict[str, list[dict]], p: Preset, k: int = 0, sizes: dict | None = None
+) -> dict:
     """Greedy accuracy on each population (id_A, id_B, ood_seen, ood_unseen) and the pooled id and ood, weighted by
     `sizes` (default: the populations' own sizes; pass the full test's when evaluating on subsets); with k > 0 also
     avg@k at the training temperature on id and ood."""
-    res = {name: accuracy(model, tok, exs, p) for name, exs in populations.items()}
+    results = {name: accuracy(model, tok, exs, p) for name, exs in populations.items()}
     sizes = sizes or {name: len(exs) for name, exs in populations.items()}
     for pool, parts in (("id", ("id_A", "id_B")), ("ood", ("ood_seen", "ood_unseen"))):
-        n = sum(sizes[x] for x in parts)
-        res[pool] = sum(res[x] * sizes[x] for x in parts) / n if n else float("nan")
+        pool_size = sum(sizes[part] for part in parts)
+        pooled = sum(results[part] * sizes[part] for part in parts)
+        results[pool] = pooled / pool_size if pool_size else float("nan")
         if k:
-            exs = [e for x in parts for e in populations[x]]
-            res[f"{pool}_avg@{k}"] = accuracy(model, tok, exs, p, p.rl["temperature"], k)
-    return res
+            exs = [ex for part in parts for ex in populations[part]]
+            results[f"{pool}_avg@{k}"] = accuracy(model, tok, exs, p, p.rl["temperature"], k)
+    return results
 
 
 def reached(model, tok, examples: list[dict], p: Preset, target: float, answer: str):
@@ -294,8 +333,10 @@ def get_teacher(p: Preset, tok, data, cache_dir: Path, device):
     path = cache_dir / ("teacher-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
     if (path / "meta.json").exists():
         print(f"teacher: cached at {path}")
-        return LlamaForCausalLM.from_pretrained(path).to(device).eval().requires_grad_(False), json.loads((path / "meta.json").read_text())
-    t0, model = time.time(), new_model(tok, p.teacher, seed=0).to(device)
+        model = LlamaForCausalLM.from_pretrained(path).to(device).eval().requires_grad_(False)
+        return model, json.loads((path / "meta.json").read_text())
+    t0 = time.time()
+    model = new_model(tok, p.teacher, seed=0).to(device)
     check = reached(model, tok, data["train"], p, p.teacher_target, answer="teacher_answer")
     desc = "teacher (supervised, carry-dropping)"
     supervised(model, tok, data["train"], p.teacher_steps, p.sft_lr, p.sft_batch, 0, desc, check,
@@ -309,7 +350,8 @@ def get_teacher(p: Preset, tok, data, cache_dir: Path, device):
 
 def get_student(p: Preset, tok, data, seed: int, device):
     """A fresh small student with its brief supervised start on *correct* solutions; (model, seconds)."""
-    t0, model = time.time(), new_model(tok, p.student, seed=100 + seed).to(device)
+    t0 = time.time()
+    model = new_model(tok, p.student, seed=100 + seed).to(device)
     check = reached(model, tok, data["train"], p, p.student_target, answer="answer")
     desc = f"student seed {seed} (supervised)"
     supervised(model, tok, data["train"], p.student_steps, p.sft_lr, p.sft_batch, seed, desc, check, p.check_every)
@@ -340,22 +382,27 @@ def run_arm(arm, p, seed, student0, teacher, tok, data, start: dict, out: Path) 
     bit-exact), evaluating on the curves' subsets after each but the last, and on the full test after the last.
     `start`: the student's evaluation before post-training, the curve's first point."""
     cfg = arm_config(arm, p, seed, out / f"{arm}-seed{seed}")
-    student, wall = copy.deepcopy(student0), 0.0
-    few, full_sizes = subsets(data, p.eval_subset), {name: len(exs) for name, exs in subsets(data).items()}
+    student = copy.deepcopy(student0)
+    wall = 0.0  # seconds of post-training, evaluations excluded
+    few = subsets(data, p.eval_subset)
+    full_sizes = {name: len(exs) for name, exs in subsets(data).items()}
     curve = [dict(step=0, wall_s=0.0, **start)]
     ends = sorted({round(cfg.steps * (i + 1) / p.eval_points) for i in range(p.eval_points)})
-    for i, end in enumerate(ends):
+    for segment, end in enumerate(ends):
         t0 = time.time()
+        segment_cfg = replace(cfg, steps=end, resume=segment > 0)
         with contextlib.redirect_stdout(io.StringIO()):  # kdrl.train's own time line, once per segment
-            kdrl.train(replace(cfg, steps=end, resume=i > 0), student, teacher, tok, data["train"], kdrl.math_reward)
+            kdrl.train(segment_cfg, student, teacher, tok, data["train"], kdrl.math_reward)
         wall += time.time() - t0
-        if i + 1 < len(ends):
+        if segment + 1 < len(ends):
             curve.append(dict(step=end, wall_s=wall, **evaluate(student, tok, few, p, sizes=full_sizes)))
     final = evaluate(student, tok, subsets(data), p, k=p.avg_k)
     curve.append(dict(step=ends[-1], wall_s=wall, **final))
-    lengths = [json.loads(line)["length"] for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()[-10:]]
+    last_lines = (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()[-10:]  # last 10 steps (no eval lines here)
+    lengths = [json.loads(line)["length"] for line in last_lines]
     length = sum(lengths) / len(lengths)
     return dict(method=arm, seed=seed, wall_s=wall, beta=cfg.beta, length=length, curve=curve, **final)
+
 
 # -----------------------------------------------------------------------------
 # Reporting: table (mean ± standard error over seeds), JSON, curves.
@@ -365,56 +412,57 @@ COLUMNS = [("id", "ID"), ("id_A", "ID A"), ("id_B", "ID B"), ("ood", "OOD"), ("o
 
 
 def mean_se(xs: list[float], fmt: str) -> str:
-    m = sum(xs) / len(xs)
+    """`mean ± standard error of the mean` (sample std, n − 1), or the mean alone for one value."""
+    mean = sum(xs) / len(xs)
     if len(xs) == 1:
-        return fmt.format(m)
-    se = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-    return f"{fmt.format(m)} ± {fmt.replace('+', '').format(se)}"
+        return fmt.format(mean)
+    se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+    return f"{fmt.format(mean)} ± {fmt.replace('+', '').format(se)}"
 
 
 def paired(rows: list[dict], name: str, key: str, baseline: str = "grpo") -> list[float]:
     """100 × (name − baseline) on `key`, one difference per seed that both ran (same student, same data order)."""
-    base = {r["seed"]: r[key] for r in rows if r["method"] == baseline}
-    return [100 * (r[key] - base[r["seed"]]) for r in rows if r["method"] == name and r["seed"] in base]
+    base = {row["seed"]: row[key] for row in rows if row["method"] == baseline}
+    return [100 * (row[key] - base[row["seed"]]) for row in rows if row["method"] == name and row["seed"] in base]
 
 
 def table(rows: list[dict], names: list[str], baseline: str = "grpo", k: int = 4) -> str:
     """One row per model: greedy accuracy (%) per population, avg@k, length, wall time, and the differences
     from the baseline *paired by seed* (both start from the same student), which removes the spread between
     students that the per-column errors include."""
-    head = [label for _, label in COLUMNS] + [f"ID avg@{k}", f"OOD avg@{k}", "length", "wall (s)", f"ID − {baseline}",
-                                              f"ID B − {baseline}"]
-    lines = ["| model | n | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    headers = [label for _, label in COLUMNS]
+    headers += [f"ID avg@{k}", f"OOD avg@{k}", "length", "wall (s)", f"ID − {baseline}", f"ID B − {baseline}"]
+    lines = ["| model | n | " + " | ".join(headers) + " |", "|---|---|" + "---|" * len(headers)]
     for name in names:
-        rs = [r for r in rows if r["method"] == name]
-        if not rs:
+        runs = [row for row in rows if row["method"] == name]  # one per seed
+        if not runs:
             continue
-        cells = [mean_se([100 * r[key] for r in rs], "{:.1f}") for key, _ in COLUMNS]
+        cells = [mean_se([100 * run[key] for run in runs], "{:.1f}") for key, _ in COLUMNS]
         for key in (f"id_avg@{k}", f"ood_avg@{k}"):
-            cells.append(mean_se([100 * r[key] for r in rs], "{:.1f}") if key in rs[0] else "—")
-        cells.append(mean_se([r["length"] for r in rs], "{:.1f}") if "length" in rs[0] else "—")
-        cells.append(mean_se([r["wall_s"] for r in rs], "{:.0f}"))
+            cells.append(mean_se([100 * run[key] for run in runs], "{:.1f}") if key in runs[0] else "—")
+        cells.append(mean_se([run["length"] for run in runs], "{:.1f}") if "length" in runs[0] else "—")
+        cells.append(mean_se([run["wall_s"] for run in runs], "{:.0f}"))
         for key in ("id", "id_B"):
             diffs = paired(rows, name, key, baseline)
-            show = name not in (baseline, "teacher", "student (start)") and len(diffs) == len(rs)
+            show = name not in (baseline, "teacher", "student (start)") and len(diffs) == len(runs)
             cells.append(mean_se(diffs, "{:+.1f}") if show else "—")
-        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def significant(rows: list[dict], names: list[str], baseline: str = "grpo") -> list[str]:
     """The paired differences from the baseline whose mean exceeds two standard errors (needs ≥ 2 seeds)."""
-    out = []
+    found = []
     for name in names:
         for key, label in COLUMNS:
             diffs = paired(rows, name, key, baseline)
             if name == baseline or len(diffs) < 2:
                 continue
-            m = sum(diffs) / len(diffs)
-            se = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-            if abs(m) > 2 * se:
-                out.append(f"{name} {label}: {m:+.1f} ± {se:.1f}")
-    return out
+            mean = sum(diffs) / len(diffs)
+            se = math.sqrt(sum((diff - mean) ** 2 for diff in diffs) / (len(diffs) - 1) / len(diffs))
+            if abs(mean) > 2 * se:
+                found.append(f"{name} {label}: {mean:+.1f} ± {se:.1f}")
+    return found
 
 
 def plot(out: Path, rows: list[dict], arms: list[str]) -> None:
@@ -428,25 +476,27 @@ def plot(out: Path, rows: list[dict], arms: list[str]) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     panels = [("id", "ID accuracy (%)"), ("id_A", "ID region A accuracy (%)"),
               ("id_B", "ID region B accuracy (%) (teacher: bug)"), ("ood", "OOD accuracy (%)")]
-    for i, arm in enumerate(arms):
-        rs = [r for r in rows if r["method"] == arm]
-        if not rs:
+    for arm_index, arm in enumerate(arms):
+        runs = [row for row in rows if row["method"] == arm]  # one per seed
+        if not runs:
             continue
-        color = f"C{i % 10}"  # one color per arm in every panel
-        steps = [c["step"] for c in rs[0]["curve"]]
+        color = f"C{arm_index % 10}"  # one color per arm in every panel
+        steps = [point["step"] for point in runs[0]["curve"]]
         for ax, (key, label) in zip(axes.flat[:4], panels, strict=True):
-            _band(ax, steps, [[100 * c[key] for c in r["curve"]] for r in rs], arm, color)
+            _band(ax, steps, [[100 * point[key] for point in run["curve"]] for run in runs], arm, color)
             ax.set(xlabel="step", ylabel=label)
-        kl = [_kl_curve(out / f"{arm}-seed{r['seed']}") for r in rs]
-        if all(kl):
-            _band(axes.flat[4], list(range(len(kl[0]))), kl, arm, color)
-        walls = [statistics.mean(c["wall_s"] for c in (r["curve"][i] for r in rs)) for i in range(len(steps))]
-        _band(axes.flat[5], walls, [[100 * c["id"] for c in r["curve"]] for r in rs], arm, color)
+        kl_curves = [_kl_curve(out / f"{arm}-seed{run['seed']}") for run in runs]
+        if all(kl_curves):
+            _band(axes.flat[4], list(range(len(kl_curves[0]))), kl_curves, arm, color)
+        # the wall time at each curve point, averaged over seeds
+        walls = [statistics.mean(run["curve"][i]["wall_s"] for run in runs) for i in range(len(steps))]
+        _band(axes.flat[5], walls, [[100 * point["id"] for point in run["curve"]] for run in runs], arm, color)
     axes.flat[4].set(xlabel="step", ylabel="KL(π ‖ π_T) per token (k1, training samples)",
                      title="arms that score the teacher; 10-step running mean")
     axes.flat[5].set(xlabel="wall time (s)", ylabel="ID accuracy (%)")
     axes.flat[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"post-training from the same students (mean ± s.e. over {max(r['seed'] for r in rows) + 1} seed(s))")
+    n_seeds = max(row["seed"] for row in rows) + 1
+    fig.suptitle(f"post-training from the same students (mean ± s.e. over {n_seeds} seed(s))")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
@@ -454,21 +504,29 @@ def plot(out: Path, rows: list[dict], arms: list[str]) -> None:
 
 def _band(ax, xs: list[float], ys: list[list[float]], label: str, color: str) -> None:
     """The mean of the curves ys over seeds, and a band of ± 1 standard error."""
-    n = len(ys)
-    mean = [sum(y[i] for y in ys) / n for i in range(len(xs))]
+    n_seeds = len(ys)
+    mean = [sum(curve[i] for curve in ys) / n_seeds for i in range(len(xs))]
     ax.plot(xs, mean, marker="o", ms=2, lw=1.2, label=label, color=color)
-    if n > 1:
-        se = [math.sqrt(sum((y[i] - mean[i]) ** 2 for y in ys) / (n - 1) / n) for i in range(len(xs))]
-        low = [m - s for m, s in zip(mean, se, strict=True)]
-        high = [m + s for m, s in zip(mean, se, strict=True)]
+    if n_seeds > 1:
+        se = [
+            math.sqrt(sum((curve[i] - mean[i]) ** 2 for curve in ys) / (n_seeds - 1) / n_seeds)
+            for i in range(len(xs))
+        ]
+        low = [center - error for center, error in zip(mean, se, strict=True)]
+        high = [center + error for center, error in zip(mean, se, strict=True)]
         ax.fill_between(xs, low, high, color=color, alpha=0.12)
 
 
 def _kl_curve(run: Path, window: int = 10) -> list[float]:
     """The logged kl_k1 per step, as a running mean over `window` steps; [] when the run scored no teacher."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    kl = [r["kl_k1"] for r in rows if not r.get("eval") and "kl_k1" in r]
-    return [sum(kl[max(0, i - window + 1) : i + 1]) / len(kl[max(0, i - window + 1) : i + 1]) for i in range(len(kl))]
+    kl = [row["kl_k1"] for row in rows if not row.get("eval") and "kl_k1" in row]
+    running_mean = []
+    for i in range(len(kl)):
+        recent = kl[max(0, i - window + 1) : i + 1]  # steps i − window + 1 .. i, fewer at the start
+        running_mean.append(sum(recent) / len(recent))
+    return running_mean
+
 
 # -----------------------------------------------------------------------------
 # --bench: the speed anchor. GRPO and KDRL steps of kdrl.train in the setting TRL's GRPOTrainer was timed in.
@@ -483,8 +541,13 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list
         torch.set_num_threads(2)
     tok, model = bench_model(model_dir)
     model = model.to(device).eval()
-    print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters on {device}, {torch.get_num_threads()} threads")
+    n_params = sum(param.numel() for param in model.parameters())
+    print(f"bench: {n_params:,} parameters on {device}, {torch.get_num_threads()} threads")
     data = random_additions(8 * (steps + warmup))
+
+    def median(rows: list[dict], key: str) -> float:
+        return statistics.median(row[key] for row in rows)
+
     lines = []
     for method in ("grpo", "kdrl"):
         student = copy.deepcopy(model)  # the teacher stays the untouched model
@@ -493,13 +556,16 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list
                                           max_new_tokens=48, temperature=1.0, mu=1, minibatch_size=64, lr=1e-6,
                                           out=str(out), progress=False)
         kdrl.train(cfg, student, model, tok, data, kdrl.math_reward)
-        rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if not r.get("eval")][warmup:]
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows = [row for row in logged if not row.get("eval")][warmup:]  # the timed steps
         shutil.rmtree(out, ignore_errors=True)
-        med = lambda key: statistics.median(r[key] for r in rows)
-        step = [r["time_sampling"] + r["time_teacher"] + r["time_update"] for r in rows]
+        step_s = [row["time_sampling"] + row["time_teacher"] + row["time_update"] for row in rows]
+        tokens_per_s = sum(row["tokens"] for row in rows) / sum(step_s)
+        mean_len = statistics.mean(row["length"] for row in rows)
         lines.append(
-            f"bench {method} median_step_s={statistics.median(step):.2f} sampling_s={med('time_sampling'):.2f} teacher_s={med('time_teacher'):.2f}"
-            f" update_s={med('time_update'):.2f} tokens_per_s={sum(r['tokens'] for r in rows) / sum(step):.0f} mean_len={statistics.mean(r['length'] for r in rows):.1f}"
+            f"bench {method} median_step_s={statistics.median(step_s):.2f}"
+            f" sampling_s={median(rows, 'time_sampling'):.2f} teacher_s={median(rows, 'time_teacher'):.2f}"
+            f" update_s={median(rows, 'time_update'):.2f} tokens_per_s={tokens_per_s:.0f} mean_len={mean_len:.1f}"
         )
     print("\n".join(lines))
     return lines
@@ -509,7 +575,6 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> 
     """The same setting through TRL (needs requirements-trl.txt): TRL's plain GRPOTrainer at β = 0, then
     kdrl_trl.KDRLTrainer with --method grpo and --method kdrl (the anchor model as its own teacher), each with TRL's
     sampler, one optimizer step per batch of 64, no gradient checkpointing. Then kdrl.py's own bench in the same run."""
-    from transformers import TrainerCallback
     from trl import GRPOTrainer
 
     import kdrl_trl
@@ -518,25 +583,12 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> 
     tok, model = bench_model(model_dir)
     data = random_additions(64)
 
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.times, self.start = [], 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
-
-    class MeanLength(TrainerCallback):
-        def __init__(self, trainer, lengths):
-            self.trainer, self.lengths = trainer, lengths
-
-        def on_step_end(self, args, state, control, **kwargs):  # TRL's metrics of the step, before log() clears them
-            self.lengths.append(self.trainer._metrics["train"]["completions/mean_length"][-1])
-
     def math_reward_trl(prompts, completions, kdrl_index, **kwargs):
-        return [kdrl.math_reward(p, c, data[i]) for p, c, i in zip(prompts, completions, kdrl_index)]
+        """TRL's reward-function signature: one reward per completion; kdrl_index is the dataset column."""
+        return [
+            kdrl.math_reward(prompt, completion, data[index])
+            for prompt, completion, index in zip(prompts, completions, kdrl_index, strict=True)
+        ]
 
     lines = []
     for name, method in (("trl-grpo", "grpo"), ("kdrl_trl-grpo", "grpo"), ("kdrl_trl-kdrl", "kdrl")):
@@ -545,7 +597,7 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> 
                        temperature=1.0, mu=1, minibatch_size=64, lr=1e-6, out=str(out), progress=False, device="cpu")
         cfg = kdrl.KDRLConfig.from_method(**setting)
         args = kdrl_trl.grpo_config(cfg, 1, use_vllm=False)
-        timer = StepTimes()
+        timer = _StepTimes()
         common = dict(args=args, train_dataset=kdrl_trl.dataset_for(tok, data), processing_class=tok, callbacks=[timer])
         if name == "trl-grpo":
             trainer = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=[math_reward_trl], **common)
@@ -553,16 +605,42 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> 
             trainer = kdrl_trl.KDRLTrainer(cfg, copy.deepcopy(model), copy.deepcopy(model), kdrl.math_reward, data,
                                            **common)
         lengths = []
-        trainer.add_callback(MeanLength(trainer, lengths))
+        trainer.add_callback(_MeanLength(trainer, lengths))
         trainer.train()
         shutil.rmtree(out, ignore_errors=True)
-        parts = getattr(trainer, "kdrl_timer", {})  # kdrl_trl's breakdown, summed over all steps: per-step means
+        phase_totals = getattr(trainer, "kdrl_timer", {})  # kdrl_trl's breakdown, summed over all steps
         phases = ("sampling", "teacher", "update")
-        breakdown = " ".join(f"{k}_s={parts.get(k, 0.0) / (steps + warmup):.2f}" for k in phases)
+        mean_per_step = {phase: phase_totals.get(phase, 0.0) / (steps + warmup) for phase in phases}
+        breakdown = " ".join(f"{phase}_s={seconds:.2f}" for phase, seconds in mean_per_step.items())
         lines.append(f"bench {name} median_step_s={statistics.median(timer.times[warmup:]):.2f} {breakdown}"
                      f" mean_len={statistics.mean(lengths[warmup:steps + warmup]):.1f}")
         print(lines[-1], flush=True)
     return lines + bench(model_dir, steps, warmup)
+
+
+class _StepTimes(TrainerCallback):
+    """bench_trl: the wall time of each optimizer step."""
+
+    def __init__(self):
+        self.times = []
+        self.start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self.start)
+
+
+class _MeanLength(TrainerCallback):
+    """bench_trl: TRL's mean completion length of each step, read before its log() clears the step's metrics."""
+
+    def __init__(self, trainer, lengths: list):
+        self.trainer = trainer
+        self.lengths = lengths
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.lengths.append(self.trainer._metrics["train"]["completions/mean_length"][-1])
 
 
 def save_pair(out: Path) -> None:
@@ -574,7 +652,7 @@ def save_pair(out: Path) -> None:
         new_model(tok, arch, seed).save_pretrained(out / name)
         tok.save_pretrained(out / name)
     rows = random_additions(64)
-    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     print(f"saved {out}/student, {out}/teacher and {out}/train.jsonl")
 
 
@@ -593,15 +671,16 @@ def large_vocab_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     chars = dict.fromkeys(VOCAB + "abcdefghijklmnopqrstuvwxyz\n")
-    n_plain = LARGE_VOCAB - 22
-    vocab = {t: i for i, t in enumerate(["<unk>", *chars, *(f"<filler{i}>" for i in range(n_plain - len(chars) - 1))])}
+    n_plain = LARGE_VOCAB - 22  # ordinary tokens: <unk>, the characters, fillers; then 22 specials
+    fillers = [f"<filler{i}>" for i in range(n_plain - len(chars) - 1)]
+    vocab = {token: index for index, token in enumerate(["<unk>", *chars, *fillers])}
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|special{i}|>" for i in range(19))]
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    t.decoder = decoders.Fuse()
-    t.add_special_tokens([AddedToken(x, special=True, normalized=False) for x in specials])
-    specials = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, **specials)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(special, special=True, normalized=False) for special in specials])
+    roles = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -623,7 +702,7 @@ def save_large_vocab_pair(out: Path, hidden_size: int = 32, layers: int = 1, see
         model.generation_config = GenerationConfig(eos_token_id=end_ids, pad_token_id=tok.pad_token_id)
         model.save_pretrained(out / name)
         tok.save_pretrained(out / name)
-    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in random_additions(16, seed)))
+    (out / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in random_additions(16, seed)))
     return out
 
 
@@ -656,17 +735,19 @@ def _memory_case(pair: str, method: str, batch: int, length: int, queue) -> None
     student = AutoModelForCausalLM.from_pretrained(Path(pair) / "student", dtype=torch.float32).to(device).eval()
     teacher = AutoModelForCausalLM.from_pretrained(Path(pair) / "teacher", dtype=torch.float32).to(device).eval()
     teacher.requires_grad_(False)
-    V, P = len(tok), 16
+    V = len(tok)
+    P = 16  # prompt length; B = batch, T = length (all responses full-length)
     cfg = kdrl.KDRLConfig.from_method(method, group_size=8, prompts_per_step=batch // 8, max_new_tokens=length,
                                       minibatch_size=64, lr=1e-6)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, V - 22, (batch, P + length), generator=g).to(device)  # ordinary tokens, no end id
-    mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+    generator = torch.Generator().manual_seed(0)
+    # ordinary tokens only (the 22 specials are the last ids), so no end id
+    ids = torch.randint(0, V - 22, (batch, P + length), generator=generator).to(device)  # (B, P + T)
+    mask = torch.ones(batch, length, dtype=torch.bool, device=device)  # (B, T)
     sampler_logprobs = torch.zeros(batch, length, device=device)  # (B, T), unused by the update
     truncated = torch.ones(batch, dtype=torch.bool, device=device)  # (B,)
-    ro = kdrl.Rollouts(ids, torch.ones_like(ids), mask, sampler_logprobs, truncated)
-    correct = torch.rand(batch, generator=g).lt(0.5).to(device)
-    adv = kdrl.grpo_advantages(correct.double(), 8).float()
+    rollouts = kdrl.Rollouts(ids, torch.ones_like(ids), mask, sampler_logprobs, truncated)
+    correct = torch.rand(batch, generator=generator).lt(0.5).to(device)  # (B,)
+    adv = kdrl.grpo_advantages(correct.double(), 8).float()  # (B,)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
     timer = kdrl.Timer()
     for phase in ("warmup", "measured"):  # the first step allocates AdamW's state; measure the second
@@ -678,9 +759,9 @@ def _memory_case(pair: str, method: str, batch: int, length: int, queue) -> None
             _peak_rss_reset()
             timer = kdrl.Timer()
         with timer("teacher"):
-            scores = kdrl.teacher_pass(cfg, student, teacher, ro, V)
+            scores = kdrl.teacher_pass(cfg, student, teacher, rollouts, V)
         with timer("update"):
-            kdrl.policy_update(cfg, student, teacher, optimizer, ro, adv, correct, cfg.beta, scores, V, step=0)
+            kdrl.policy_update(cfg, student, teacher, optimizer, rollouts, adv, correct, cfg.beta, scores, V, step=0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mib("VmHWM")
     queue.put((peak, before, timer["teacher"], timer["update"]))
 
@@ -696,7 +777,8 @@ def bench_memory(sizes=((16, 64), (64, 512)), methods=("kdrl", "kdrl-full")) -> 
     save_large_vocab_pair(pair, hidden_size=64, layers=2)
     device = "cuda" if torch.cuda.is_available() else "cpu (2 threads)"
     print(f"bench-memory: Qwen2 pair, hidden 64, 2 layers, vocab {LARGE_VOCAB:,}, logits {LARGE_WIDTHS}, on {device}")
-    ctx, lines = multiprocessing.get_context("spawn"), []
+    ctx = multiprocessing.get_context("spawn")
+    lines = []
     for batch, length in sizes:
         for method in methods:
             queue = ctx.Queue()
@@ -736,34 +818,37 @@ def random_additions(n: int, seed: int = 0) -> list[dict]:
 
 def lr_grid(p: Preset, lrs: list[float], out: Path, device) -> dict[float, float]:
     """GRPO (the baseline) at each lr from seed 0's student; greedy accuracy on the *validation* split."""
-    tok, data = char_tokenizer(), make_splits(p)
+    tok = char_tokenizer()
+    data = make_splits(p)
     teacher, _ = get_teacher(p, tok, data, out / "cache", device)
     student, _ = get_student(p, tok, data, 0, device)
-    res = {}
+    val_accuracy = {}
     for lr in lrs:
         model = copy.deepcopy(student)
         cfg = replace(arm_config("grpo", p, 0, out / f"lr-{lr:g}"), lr=lr)
         with contextlib.redirect_stdout(io.StringIO()):
             kdrl.train(cfg, model, teacher, tok, data["train"], kdrl.math_reward)
-        res[lr] = accuracy(model, tok, data["val"], p)
-        print(f"lr {lr:g}: grpo validation accuracy {res[lr]:.1%}")
-    return res
+        val_accuracy[lr] = accuracy(model, tok, data["val"], p)
+        print(f"lr {lr:g}: grpo validation accuracy {val_accuracy[lr]:.1%}")
+    return val_accuracy
 
 
 def run_demo(p: Preset, preset: str, arms: list[str], out: Path, device) -> dict:
     t_start = time.time()
-    tok, data = char_tokenizer(), make_splits(p)
-    full, few = subsets(data), subsets(data, p.eval_subset)
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in full.items())
+    tok = char_tokenizer()
+    data = make_splits(p)
+    full = subsets(data)  # the reported populations, whole
+    few = subsets(data, p.eval_subset)  # the curves' cheaper subsets
+    sizes = ", ".join(f"{name} {len(exs)}" for name, exs in full.items())
     first = data["train"][0]
     print(f"preset {preset} | {len(data['train'])} train, {len(data['val'])} val | test: {sizes} | "
           f"arms: {', '.join(arms)} | {p.seeds} seed(s) | e.g. {first['prompt']}{first['solution']}")
     teacher, meta = get_teacher(p, tok, data, out / "cache", device)
-    rows = [dict(method="teacher", seed=0, wall_s=meta["train_s"], **evaluate(teacher, tok, full, p, k=p.avg_k))]
-    taught = rows[0]
-    print(f"teacher: ID A {taught['id_A']:.1%} | ID B {taught['id_B']:.1%} (carry-dropping by design) | "
-          f"OOD {taught['ood']:.1%}")
-    if preset != "smoke" and not (rows[0]["id_A"] >= 0.8 and rows[0]["id_B"] <= 0.2):
+    teacher_row = dict(method="teacher", seed=0, wall_s=meta["train_s"], **evaluate(teacher, tok, full, p, k=p.avg_k))
+    rows = [teacher_row]
+    print(f"teacher: ID A {teacher_row['id_A']:.1%} | ID B {teacher_row['id_B']:.1%} (carry-dropping by design) | "
+          f"OOD {teacher_row['ood']:.1%}")
+    if preset != "smoke" and not (teacher_row["id_A"] >= 0.8 and teacher_row["id_B"] <= 0.2):
         print("warning: the teacher is not 'strong on A, wrong on B' as designed; the comparison below tests nothing")
     for seed in range(p.seeds):
         student, wall = get_student(p, tok, data, seed, device)
@@ -773,30 +858,35 @@ def run_demo(p: Preset, preset: str, arms: list[str], out: Path, device) -> dict
               f"OOD {start['ood']:.1%}")
         start_few = evaluate(student, tok, few, p, sizes={name: len(exs) for name, exs in full.items()})
         for arm in arms:
-            r = run_arm(arm, p, seed, student, teacher, tok, data, start_few, out)
-            rows.append(r)
-            print(f"seed {seed} {arm}: ID {r['id']:.1%} (A {r['id_A']:.1%}, B {r['id_B']:.1%}) | OOD {r['ood']:.1%} "
-                  f"(seen {r['ood_seen']:.1%}, unseen {r['ood_unseen']:.1%}) | {r['wall_s']:.0f}s", flush=True)
+            row = run_arm(arm, p, seed, student, teacher, tok, data, start_few, out)
+            rows.append(row)
+            print(f"seed {seed} {arm}: ID {row['id']:.1%} (A {row['id_A']:.1%}, B {row['id_B']:.1%}) | "
+                  f"OOD {row['ood']:.1%} (seen {row['ood_seen']:.1%}, unseen {row['ood_unseen']:.1%}) | "
+                  f"{row['wall_s']:.0f}s", flush=True)
     total = time.time() - t_start
     names = ["teacher", "student (start)", *arms]
-    sig = significant(rows, arms)
-    md = (f"# Results: preset `{preset}`, device {device}, {p.seeds} seed(s), total {total:.0f}s\n\n"
-          f"Greedy accuracy (%) on {len(data['test'])} ID test problems (region A: {len(full['id_A'])}, region B: "
-          f"{len(full['id_B'])}) and {len(data['ood'])} OOD problems (seen steps: {len(full['ood_seen'])}, "
-          f"an unseen step: {len(full['ood_unseen'])}); avg@{p.avg_k} is the mean accuracy of {p.avg_k} samples per "
-          f"problem at T = {p.rl['temperature']}. Mean ± standard error over seeds; the last two columns are "
-          f"differences from grpo paired by seed. Length: mean response length of the last 10 training steps "
-          f"(sft, sft-all: the teacher's samples). "
-          f"Wall: post-training, evaluations excluded (teacher: its supervised training; student: its start).\n\n"
-          + table(rows, names, k=p.avg_k) + "\n\n"
-          + "Paired differences from grpo beyond two standard errors: " + ("; ".join(sig) if sig else "none") + ".\n")
-    print("\n" + md)
-    (out / "results.md").write_text(md)
+    significant_diffs = significant(rows, arms)
+    listed = "; ".join(significant_diffs) if significant_diffs else "none"
+    report = (
+        f"# Results: preset `{preset}`, device {device}, {p.seeds} seed(s), total {total:.0f}s\n\n"
+        f"Greedy accuracy (%) on {len(data['test'])} ID test problems "
+        f"(region A: {len(full['id_A'])}, region B: {len(full['id_B'])}) "
+        f"and {len(data['ood'])} OOD problems "
+        f"(seen steps: {len(full['ood_seen'])}, an unseen step: {len(full['ood_unseen'])}); "
+        f"avg@{p.avg_k} is the mean accuracy of {p.avg_k} samples per problem at T = {p.rl['temperature']}. "
+        f"Mean ± standard error over seeds; the last two columns are differences from grpo paired by seed. "
+        f"Length: mean response length of the last 10 training steps (sft, sft-all: the teacher's samples). "
+        f"Wall: post-training, evaluations excluded (teacher: its supervised training; student: its start).\n\n"
+        + table(rows, names, k=p.avg_k) + "\n\n"
+        + "Paired differences from grpo beyond two standard errors: " + listed + ".\n"
+    )
+    print("\n" + report)
+    (out / "results.md").write_text(report)
     raw = dict(preset=preset, device=str(device), settings=asdict(p), demo_scale=DEMO_SCALE, beta_arms=BETA_ARMS,
                rows=rows)
     (out / "results.json").write_text(json.dumps(raw, indent=2))
     plot(out, rows, arms)
-    return dict(rows=rows, out=str(out), significant=sig)
+    return dict(rows=rows, out=str(out), significant=significant_diffs)
 
 
 # -----------------------------------------------------------------------------
@@ -805,23 +895,29 @@ def run_demo(p: Preset, preset: str, arms: list[str], out: Path, device) -> dict
 
 def main(argv=None) -> dict:
     arm_names = [*kdrl.METHODS, *BETA_ARMS]
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=list(PRESETS), default=None, help="default: gpu if CUDA is available, else cpu")
-    ap.add_argument("--out", default="runs/tiny", help="output directory (the teacher cache lives in <out>/cache)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's)")
-    ap.add_argument("--methods", default=None,
-                    help=f"comma-separated arms (default: the preset's); choose from {arm_names}")
-    ap.add_argument("--lr-grid", default=None, metavar="LRS",
-                    help="comma-separated lrs: run GRPO at each, print its validation accuracy, exit")
-    ap.add_argument("--bench", action="store_true", help="time GRPO and KDRL steps in the speed-anchor setting instead (see bench)")
-    ap.add_argument("--bench-model", default=None, help="with --bench: a saved causal LM to use as student and teacher (default: build the anchor model)")
-    ap.add_argument("--bench-trl", action="store_true",
-                    help="--bench through TRL too: plain GRPOTrainer, kdrl_trl grpo and kdrl (requirements-trl.txt)")
-    ap.add_argument("--bench-memory", action="store_true",
-                    help="peak memory and time of a kdrl vs kdrl-full step, 151,665-token vocabulary (bench_memory)")
-    ap.add_argument("--save-pair", metavar="DIR", default=None,
-                    help="save a tiny random student/teacher pair and train.jsonl to DIR, then exit")
-    args = ap.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="default: gpu if CUDA is available, else cpu")
+    parser.add_argument("--out", default="runs/tiny", help="output directory (the teacher cache lives in <out>/cache)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's)")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated arms (default: the preset's); choose from {arm_names}")
+    parser.add_argument("--lr-grid", default=None, metavar="LRS",
+                        help="comma-separated lrs: run GRPO at each, print its validation accuracy, exit")
+    parser.add_argument("--bench", action="store_true",
+                        help="time GRPO and KDRL steps in the speed-anchor setting instead (see bench)")
+    parser.add_argument("--bench-model", default=None,
+                        help="with --bench: a saved causal LM to use as student and teacher "
+                             "(default: build the anchor model)")
+    parser.add_argument("--bench-trl", action="store_true",
+                        help="--bench through TRL too: plain GRPOTrainer, kdrl_trl grpo and kdrl "
+                             "(requirements-trl.txt)")
+    parser.add_argument("--bench-memory", action="store_true",
+                        help="peak memory and time of a kdrl vs kdrl-full step, 151,665-token vocabulary "
+                             "(bench_memory)")
+    parser.add_argument("--save-pair", metavar="DIR", default=None,
+                        help="save a tiny random student/teacher pair and train.jsonl to DIR, then exit")
+    args = parser.parse_args(argv)
     if args.save_pair:
         return save_pair(Path(args.save_pair)) or {}
     if args.bench_trl:
@@ -832,17 +928,20 @@ def main(argv=None) -> dict:
         return dict(bench=bench(args.bench_model))
     if args.preset is None:
         args.preset = "gpu" if torch.cuda.is_available() else "cpu"
-        found = "GPU found: using the gpu preset"
-        print(found if args.preset == "gpu" else "no GPU found: using the cpu preset (--preset gpu/smoke to override)")
+        if args.preset == "gpu":
+            print("GPU found: using the gpu preset")
+        else:
+            print("no GPU found: using the cpu preset (--preset gpu/smoke to override)")
     p = PRESETS[args.preset]
     p = replace(p, seeds=args.seeds or p.seeds)
-    device, out = torch.device("cuda" if torch.cuda.is_available() else "cpu"), Path(args.out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.lr_grid:
-        return dict(lr_grid=lr_grid(p, [float(x) for x in args.lr_grid.split(",")], out, device))
-    arms = [m for m in args.methods.split(",") if m] if args.methods else list(p.arms or arm_names)
-    if bad := [m for m in arms if m not in arm_names]:
-        ap.error(f"unknown arms {bad}; choose from {arm_names}")
+        return dict(lr_grid=lr_grid(p, [float(lr) for lr in args.lr_grid.split(",")], out, device))
+    arms = [arm for arm in args.methods.split(",") if arm] if args.methods else list(p.arms or arm_names)
+    if bad := [arm for arm in arms if arm not in arm_names]:
+        parser.error(f"unknown arms {bad}; choose from {arm_names}")
     return run_demo(p, args.preset, arms, out, device)
 
 
