@@ -11,8 +11,9 @@ Zhang et al. 2026, arXiv 2602.22495, instead puts the teacher inside GRPO's clip
 
 The file reads top to bottom like the papers:
     config (KDRLConfig, METHODS)  →  pure math (kl_estimate, full_kl, kl_reward_to_go, grpo_advantages,
-    beta_schedule, kdrl_loss)  →  models (sample_rollouts, token_logprobs)  →  rewards (math_reward)
-    →  the training loop (train)  →  the CLI (main).
+    beta_schedule, and the loss's pieces clipped_surrogate, trrd_log_ratio, kd_token_loss, kd_reward_returns,
+    composed by kdrl_loss)  →  models (sample_rollouts, token_logprobs)  →  rewards (math_reward)
+    →  the training loop (train, with its plumbing below it)  →  the CLI (main).
 The math functions take tensors and return tensors: copy any of them into your own trainer unchanged.
 
 Where this differs from the papers, or pins down what they leave open:
@@ -24,7 +25,7 @@ Where this differs from the papers, or pins down what they leave open:
   expected gradient is again the token-level reverse KL's, over the contexts π_old visited. The paper is
   silent on this.
 - Dropout is zeroed, so the update scores the same policy that sampled. Log-probs are taken at the
-  sampling temperature (logits / T), for student and teacher alike.
+  sampling temperature (logits / τ), for student and teacher alike.
 - One optimizer step per μ-epoch over the whole batch; minibatches only bound memory (gradients are
   accumulated with the full-batch normaliser, so the maths does not depend on the minibatch size).
 
@@ -105,7 +106,7 @@ class KDRLConfig:
     max_new_tokens: int = 1024
     """response length cap; longer responses are truncated and flagged"""
     temperature: float = 1.0
-    """sampling temperature; log-probs of student and teacher are taken at the same T"""
+    """sampling temperature; log-probs of student and teacher are taken at the same τ"""
     # --- GRPO ---
     clip_eps_low: float = 0.2
     """ε_low: the ratio is clipped below at 1 − ε_low (paper: 0.2)"""
@@ -262,7 +263,8 @@ def validate_config(cfg: KDRLConfig) -> None:
         raise KDRLError(f"config field trrd_alpha={cfg.trrd_alpha}: must be in [0, 1]")
     if cfg.temperature <= 0:  # greedy rollouts are identical within a group (A = 0) and are not samples of π
         raise KDRLError(
-            f"config field temperature={cfg.temperature}: training samples at T > 0 (greedy decoding is for evaluation)"
+            f"config field temperature={cfg.temperature}: training samples at temperature > 0 "
+            "(greedy decoding is for evaluation)"
         )
     if cfg.kd_kind == "full" and cfg.kd_mode == "reward":
         raise KDRLError("config field kd_kind='full' needs kd_mode='loss' (reward mode uses the sampled-token k1)")
@@ -599,7 +601,8 @@ def kdrl_loss(
 
     A composition of the pure functions above, each aggregated over response tokens as cfg.loss_agg says:
       policy term  −clipped_surrogate(ρ, A), with ρ = π/π_old, or RLAD's trrd_log_ratio when cfg.trrd_alpha is set;
-      KD term      β · kd_token_loss (cfg.kd_mode="loss"), or β · kd_reward_returns added to A ("reward");
+      KD term      β · kd_token_loss (cfg.kd_mode="loss"; exact_kl for kd_kind="full"), or β · kd_reward_returns
+                   added to A ("reward");
     with the KD term only on the responses cfg.kd_mask keeps (kd_response_mask). With beta = 0 this is exactly the
     GRPO loss; with zero advantages in "loss" mode, exactly β · KD.
 
@@ -616,7 +619,7 @@ def kdrl_loss(
     Use it when the rollouts came from another sampler q than the π_old you score them with (vLLM): with
     token_weight = π_old/q the expected gradient is the one sampling from π_old would give, for both terms.
     """
-    mask = mask.bool()
+    mask = mask.bool()  # (B, T)
     # Padded slots may hold anything (−inf, nan): zero them *before* any arithmetic, because where() after
     # the fact protects the forward pass but not the backward one (0 · inf = nan would reach the weights).
     logp = torch.where(mask, logp, 0.0)  # (B, T)
@@ -640,7 +643,7 @@ def kdrl_loss(
         kd_returns = kd_reward_returns(logp, teacher_logp, mask, kd_keep, cfg.kd_gamma, cfg.group_size, leave_one_out)
         adv = adv + beta * kd_returns  # (B, T)
     surrogate = clipped_surrogate(ratio, adv, cfg.clip_eps_low, cfg.clip_eps_high)  # (B, T)
-    pg_loss = _aggregate(weight * -surrogate, mask, cfg.loss_agg, **counts)
+    pg_loss = _aggregate(weight * -surrogate, mask, cfg.loss_agg, **counts)  # scalar
 
     # KD term, in loss mode. (In reward mode it is only a metric: the k1 estimate, whose negative is the KD reward.)
     kind = cfg.kd_kind if cfg.kd_mode == "loss" else "k1"
@@ -650,8 +653,8 @@ def kdrl_loss(
         kd_per_token = torch.where(mask, exact_kl, 0.0)  # (B, T)
     else:
         kd_per_token = kd_token_loss(logp, old_logp, teacher_logp, kind)  # (B, T)
-    kd_loss = _aggregate(weight * torch.where(kd_keep, kd_per_token, 0.0), mask, cfg.loss_agg, **counts)
-    loss = pg_loss + beta * kd_loss if cfg.kd_mode == "loss" else pg_loss
+    kd_loss = _aggregate(weight * torch.where(kd_keep, kd_per_token, 0.0), mask, cfg.loss_agg, **counts)  # scalar
+    loss = pg_loss + beta * kd_loss if cfg.kd_mode == "loss" else pg_loss  # scalar
 
     with torch.no_grad():
         below = (ratio < 1 - cfg.clip_eps_low) & (adv < 0)  # (B, T): clipped tokens, whose gradient is 0
@@ -696,7 +699,7 @@ class Rollouts:
     input_ids: torch.Tensor  # (B, P+T) left-padded prompt, then the response, pad after its first end token
     attention_mask: torch.Tensor  # (B, P+T) 1 on prompt tokens and on response tokens up to the first end token
     response_mask: torch.Tensor  # (B, T) bool, response tokens up to and *including* the first end token
-    logprobs: torch.Tensor  # (B, T) float32 log π(y_t | y_<t) at the sampling temperature (T = 1 if greedy), 0 where
+    logprobs: torch.Tensor  # (B, T) float32 log π(y_t | y_<t) at the sampling temperature (1 if greedy), 0 where
     # masked: a by-product of sampling, for diagnostics; the loss never reads it (μ > 1 rescores: teacher_pass)
     truncated: torch.Tensor  # (B,) bool, no end id (EOS or another, see end_token_ids) within max_new_tokens
 
@@ -748,14 +751,14 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _scoring_temperature(temperature: float) -> float:
-    """The temperature log-probs are taken at: the sampling one, or 1 for greedy decoding (T = 0), which has no
+    """The temperature log-probs are taken at: the sampling one, or 1 for greedy decoding (τ = 0), which has no
     distribution of its own; its tokens are then reported under the model's plain softmax."""
     return temperature or 1.0
 
 
 def _next_token(logits: torch.Tensor, temperature: float, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample (or argmax at T = 0) from logits (B, ≥V), padded columns ≥ vocab_size excluded.
-    Returns token (B,) and its log-prob (B,) float32 under softmax(logits / T) (T = 1 when greedy)."""
+    """Sample (or argmax at τ = 0) from logits (B, ≥V), padded columns ≥ vocab_size excluded.
+    Returns token (B,) and its log-prob (B,) float32 under softmax(logits / τ) (τ = 1 when greedy)."""
     scaled = logits[:, :vocab_size].float() / _scoring_temperature(temperature)  # (B, V)
     logp = torch.log_softmax(scaled, dim=-1)  # (B, V)
     if temperature == 0:
@@ -804,8 +807,8 @@ def sample_rollouts(
 
     A response ends at its first token in end_ids (default end_token_ids(tokenizer, model)), which it keeps.
 
-    The reported log-probs are of softmax(logits / T): the distribution actually sampled, so that "on-policy"
-    claims hold at any T (score the teacher at the same T). Logit columns ≥ vocab_size (default
+    The reported log-probs are of softmax(logits / τ), τ the temperature: the distribution actually sampled, so
+    that "on-policy" claims hold at any τ (score the teacher at the same τ). Logit columns ≥ vocab_size (default
     len(tokenizer)) are excluded: checkpoints pad their vocabularies, and padding must carry no probability.
     Runs under no_grad (not inference_mode), so the ids can enter a graph that needs backward.
     Finished rows are dropped from the decoding batch as they accumulate (see _drop_finished): a decode
@@ -814,7 +817,7 @@ def sample_rollouts(
     V = vocab_size or len(tokenizer)
     pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
-    end_ids = torch.tensor(end_ids if end_ids is not None else end_token_ids(tokenizer, model), device=device)
+    end_ids = torch.tensor(end_ids if end_ids is not None else end_token_ids(tokenizer, model), device=device)  # (E,)
     prompt_ids, prompt_attn = encode_prompts(tokenizer, prompts)  # (N, P), left-padded
     prompt_ids = prompt_ids.repeat_interleave(group_size, 0).to(device)  # (B, P)
     prompt_attn = prompt_attn.repeat_interleave(group_size, 0).to(device)  # (B, P)
@@ -843,9 +846,9 @@ def sample_rollouts(
             break
         if n_alive <= 0.9 * len(rows):
             keep = _drop_finished(_returned_cache(out), alive[rows])  # (rows',) indices into the decoding batch
-            rows, attn, next_pos, token = rows[keep], attn[keep], next_pos[keep], token[keep]
+            rows, attn, next_pos, token = rows[keep], attn[keep], next_pos[keep], token[keep]  # (rows', ...)
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)  # (rows, P + t + 1)
-        next_pos = next_pos + 1
+        next_pos = next_pos + 1  # (rows,)
         step_inputs = dict(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos[:, None])
         out = model(**step_inputs, use_cache=True, **{cache_arg: _returned_cache(out)})
     if not torch.isfinite(logps).all():
@@ -865,7 +868,7 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 def _chunk_logprobs(
     head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_size: int
 ) -> torch.Tensor:
-    """log softmax(head(hidden) / T)[target] for rows of hidden (N, H) → (N,) float32, via logsumexp."""
+    """log softmax(head(hidden) / τ)[target] for rows of hidden (N, H) → (N,) float32, via logsumexp."""
     logits = head(hidden)[:, :vocab_size].float() / temperature  # (N, V): the only (·, V) tensor alive
     return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)
 
@@ -891,22 +894,22 @@ def head_logprobs(
     checkpoint: bool = True,
     teacher: Optional[tuple] = None,
 ):
-    """log softmax(head(hidden) / T)[target] over the first vocab_size columns. (N, H), (N,) → (N,) float32.
+    """log softmax(head(hidden) / τ)[target] over the first vocab_size columns. (N, H), (N,) → (N,) float32.
 
     The output head runs on chunk_size rows at a time, so the only (·, V) tensors alive are one chunk's logits.
     With a gradient and checkpoint=True each chunk runs under activation checkpointing: its logits are
     recomputed in the backward pass instead of saved, so memory stays O(chunk_size · V) whatever N is.
     head is any callable (an nn.Linear, or nn.Identity when hidden already holds logits).
     teacher=(teacher_head, teacher_hidden (N, H_T)): also return the exact KL(π ‖ π_T) of each row over the
-    vocabulary, (N,) with grad to hidden and head: each chunk rebuilds both models' logits at temperature T,
+    vocabulary, (N,) with grad to hidden and head: each chunk rebuilds both models' logits at temperature τ,
     feeds them to full_kl and frees them. Returns (logp, kl) then."""
     use_checkpoint = checkpoint and torch.is_grad_enabled() and hidden.requires_grad
     logps, kls = [], []
     for i in range(0, hidden.shape[0], chunk_size):
-        rows = slice(i, i + chunk_size)
-        chunk_fn, args = _chunk_logprobs, (head, hidden[rows], targets[rows], temperature, vocab_size)
+        chunk = slice(i, i + chunk_size)
+        chunk_fn, args = _chunk_logprobs, (head, hidden[chunk], targets[chunk], temperature, vocab_size)
         if teacher is not None:
-            chunk_fn, args = _chunk_logprobs_kl, (*args, teacher[0], teacher[1][rows])
+            chunk_fn, args = _chunk_logprobs_kl, (*args, teacher[0], teacher[1][chunk])
         if use_checkpoint:
             out = torch.utils.checkpoint.checkpoint(chunk_fn, *args, use_reentrant=False)
         else:
@@ -957,7 +960,7 @@ def token_logprobs(
     return_hidden: bool = False,
     kl_teacher: Optional[tuple] = None,
 ):
-    """Float32 log π(y_t | y_<t) of the response tokens at temperature T (0 where response_mask is 0).
+    """Float32 log π(y_t | y_<t) of the response tokens at temperature τ (0 where response_mask is 0).
 
     input_ids, attention_mask: (B, P+T); response_mask: (B, T), the last T columns. Returns (B, T).
     Rows run in length_buckets forward passes of similar response length (see _length_buckets). Only the
@@ -988,7 +991,7 @@ def token_logprobs(
     # The output head's inputs at the kept positions, n of them in all: the final hidden states (n, H), or, on the
     # full-logits path, the logits themselves (n, V), sent through an identity head.
     head_inputs, targets, flat_index = [], [], []
-    for idx in _length_buckets(lengths, length_buckets):
+    for idx in _length_buckets(lengths, length_buckets):  # idx: (b,) the rows of one bucket
         longest = int(lengths[idx].max()) if len(idx) else 0  # this bucket's longest response
         if longest == 0:
             continue
@@ -1019,12 +1022,13 @@ def token_logprobs(
             teacher = (teacher_head, teacher_hidden.reshape(B * T, -1)[flat_index])  # (n, H_T)
         head = torch.nn.Identity() if full_logits else model.get_output_embeddings()
         out = head_logprobs(head, head_inputs, targets, _scoring_temperature(temperature), V, chunk_size,
-                            checkpoint=not full_logits, teacher=teacher)
-        logp = logp.index_put((flat_index,), out[0] if teacher else out)
+                            checkpoint=not full_logits, teacher=teacher)  # (n,), or ((n,), (n,)) with the teacher
+        logp = logp.index_put((flat_index,), out[0] if teacher else out)  # (B·T,)
         if teacher:
-            kl = kl.index_put((flat_index,), out[1])
+            kl = kl.index_put((flat_index,), out[1])  # (B·T,)
         if return_hidden:
-            states = head_inputs.new_zeros(B * T, head_inputs.shape[-1]).index_put_((flat_index,), head_inputs)
+            states = head_inputs.new_zeros(B * T, head_inputs.shape[-1])  # (B·T, H)
+            states.index_put_((flat_index,), head_inputs)
     if return_hidden:
         if states is None:  # no response token at all
             states = torch.zeros(B * T, model.config.hidden_size, device=device)
@@ -1053,7 +1057,7 @@ def extract_answer(text: str) -> Optional[str]:
             return text[start + len("\\boxed{") : i - 1].strip()
         start = text.rfind("\\boxed{", 0, start)  # unclosed: try the one before
     for pattern in (r"####\s*([^\n]*)", r"[Aa]nswer:\s*([^\n]*)"):
-        found = [m.strip() for m in re.findall(pattern, text) if m.strip()]
+        found = [match.strip() for match in re.findall(pattern, text) if match.strip()]
         if found:
             return found[-1]
     return None
@@ -1139,17 +1143,21 @@ def train(
       5. μ epochs, each one optimizer step with gradients accumulated over minibatches   6. log
     On CUDA (cfg.dtype "auto") every forward pass runs under bfloat16 autocast, over float32 master weights.
     """
-    out, optimizer, start = _start_run(cfg, student, teacher, train_set)  # validate, seed, resume
+    from tqdm.auto import tqdm
+
+    out_dir, optimizer, start = _start_run(cfg, student, teacher, train_set)  # validate, seed, resume
     device = next(student.parameters()).device
     G, V = cfg.group_size, len(tokenizer)  # V: the tokenizer's columns (checkpoints pad their logits beyond it)
     end_ids = end_token_ids(tokenizer, student, teacher)
     timer, tokens_seen = Timer(), 0
-    bar = _progress_bar(cfg, start)
+    steps_left = range(start, cfg.steps)
+    bar = tqdm(steps_left, initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress,
+               dynamic_ncols=True)
     for step in bar:
         batch = [train_set[i] for i in batch_for_step(len(train_set), step, cfg.prompts_per_step, cfg.seed)]
         beta = beta_schedule(step, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
         timer.start_step()
-        with _name_step_in_errors(step, out / "checkpoint"):
+        with _name_step_in_errors(step, out_dir / "checkpoint"):
             with timer("sampling"), _autocast(cfg.dtype, device):  # 1. G responses per prompt (SFT: the teacher's)
                 sampler = teacher if cfg.sft else student
                 prompts = [ex["prompt"] for ex in batch]
@@ -1170,16 +1178,16 @@ def train(
         row = dict(step=step, beta=beta, grad_norm=grad_norm, **_loss_metrics(cfg, parts))  # 6. log
         row.update(_batch_metrics(cfg, rollouts, rewards, correct, advantages, trained_on), **timer.step_times())
         tokens_seen += row["tokens"]
-        _log_step(cfg, bar, out / "metrics.jsonl", row)
+        _log_step(cfg, bar, out_dir / "metrics.jsonl", row)
         if _due(cfg.eval_every, step, cfg.steps) and eval_set:
             with timer("eval"):
                 examples = eval_set[: cfg.eval_limit]
                 eval_metrics = _evaluate_aside(student, tokenizer, examples, reward_fn, cfg, end_ids, step)
-            _append_row(out / "metrics.jsonl", dict(step=step, eval=True, **eval_metrics))
+            _append_row(out_dir / "metrics.jsonl", dict(step=step, eval=True, **eval_metrics))
         if _due(cfg.save_every, step, cfg.steps):
-            save_checkpoint(out, step + 1, student, tokenizer, optimizer, cfg)
+            save_checkpoint(out_dir, step + 1, student, tokenizer, optimizer, cfg)
     bar.close()
-    return _finish_run(cfg, out, student, tokenizer, optimizer, start, eval_set, reward_fn, end_ids, timer,
+    return _finish_run(cfg, out_dir, student, tokenizer, optimizer, start, eval_set, reward_fn, end_ids, timer,
                        tokens_seen)
 
 
@@ -1214,9 +1222,12 @@ def policy_update(
 ) -> tuple[float, list]:
     """Step 5: μ epochs over the batch, each one optimizer step, gradients accumulated over minibatches of whole
     groups with the full batch's normaliser. Returns the last epoch's grad norm and its (tokens, metrics) parts.
-    For SFT, `correct` is the mask of teacher samples to train on."""
+    For SFT, `correct` is the mask of teacher samples to train on.
+    The student runs in train mode only when it checkpoints activations (Hugging Face needs it) and is back in
+    eval mode afterwards; its dropout must already be zeroed (train() does it, see _disable_dropout), so that
+    both modes score the policy that sampled."""
     checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in student.modules())
-    student.train(checkpointing)  # Hugging Face checkpoints activations only in train mode (dropout is zeroed)
+    student.train(checkpointing)  # Hugging Face checkpoints activations only in train mode
     mask = rollouts.response_mask  # (B, T)
     batch_size = mask.shape[0]
     G = cfg.group_size
@@ -1226,29 +1237,29 @@ def policy_update(
         optimizer.zero_grad(set_to_none=True)
         parts = []
         for first in range(0, batch_size, minibatch_size):
-            rows = slice(first, first + minibatch_size)  # one minibatch
-            minibatch = rollouts[rows]
+            mb = slice(first, first + minibatch_size)  # mb: the rows of one minibatch
+            minibatch = rollouts[mb]
             if cfg.sft:  # the SFT baseline: NLL on the kept teacher samples (`correct` holds the keep mask)
                 logp = _logprobs(cfg, student, minibatch, vocab_size)  # (b, T)
-                loss, metrics = sft_loss(logp, mask[rows], correct[rows], num_tokens)
+                loss, metrics = sft_loss(logp, mask[mb], correct[mb], num_tokens)
             else:
                 exact_kl = None
                 if scores["teacher_hidden"] is not None:  # kd_kind="full": KL over the vocabulary, chunk by chunk
-                    teacher_side = (teacher.get_output_embeddings(), scores["teacher_hidden"][rows])
+                    teacher_side = (teacher.get_output_embeddings(), scores["teacher_hidden"][mb])
                     logp, exact_kl = _logprobs(cfg, student, minibatch, vocab_size, kl_teacher=teacher_side)
                 else:
                     logp = _logprobs(cfg, student, minibatch, vocab_size)  # (b, T)
-                old_logp = logp.detach() if scores["old_logp"] is None else scores["old_logp"][rows]  # μ = 1: ρ = 1
+                old_logp = logp.detach() if scores["old_logp"] is None else scores["old_logp"][mb]  # μ = 1: ρ = 1
                 loss, metrics = kdrl_loss(
-                    logp, old_logp, scores["teacher_logp"][rows], advantages[rows], mask[rows], correct[rows], cfg,
-                    beta, exact_kl=exact_kl, num_tokens=num_tokens, num_seqs=batch_size,
+                    logp, old_logp, scores["teacher_logp"][mb], advantages[mb], mask[mb], correct[mb], cfg, beta,
+                    exact_kl=exact_kl, num_tokens=num_tokens, num_seqs=batch_size,
                 )
             if not torch.isfinite(loss):
                 bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}
                 found = bad or "none"
                 raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {found})")
             loss.backward()
-            parts.append((mask[rows].sum().item(), metrics))
+            parts.append((mask[mb].sum().item(), metrics))
         max_norm = cfg.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm).item()
         if not math.isfinite(grad_norm):
@@ -1270,17 +1281,17 @@ def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict]) -> tupl
     validate_config(cfg)
     if not train_set:
         raise KDRLError("the training set is empty")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     student.eval()  # the update must score the policy that sampled
     teacher.eval()
     _disable_dropout(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = load_checkpoint(out / "checkpoint", student, optimizer, cfg) if cfg.resume else 0
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    metrics_path = out / "metrics.jsonl"
+    start = load_checkpoint(out_dir / "checkpoint", student, optimizer, cfg) if cfg.resume else 0
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    metrics_path = out_dir / "metrics.jsonl"
     kept = []
     if cfg.resume and metrics_path.exists():
         kept = [line for line in metrics_path.read_text().splitlines() if _keep_on_resume(json.loads(line), start)]
@@ -1288,20 +1299,12 @@ def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict]) -> tupl
     if _full_kd(cfg):  # before any step, not at the first teacher pass
         for model in (student, teacher):
             check_logits_rebuildable(model)
-    return out, optimizer, start
+    return out_dir, optimizer, start
 
 
 def _keep_on_resume(row: dict, start: int) -> bool:
     """metrics.jsonl rows a run resumed at `start` keeps: the steps before it, not the shorter run's final eval."""
     return row["step"] < start and not row.get("final")
-
-
-def _progress_bar(cfg: KDRLConfig, start: int):
-    """tqdm over the steps still to run (disabled with progress=False)."""
-    from tqdm.auto import tqdm
-
-    steps = range(start, cfg.steps)
-    return tqdm(steps, initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress, dynamic_ncols=True)
 
 
 def batch_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -1401,17 +1404,17 @@ def _due(every: int, step: int, steps: int) -> bool:
     return bool(every) and (step + 1) % every == 0 and step + 1 < steps
 
 
-def _finish_run(cfg: KDRLConfig, out: Path, student, tokenizer, optimizer, start: int, eval_set, reward_fn,
+def _finish_run(cfg: KDRLConfig, out_dir: Path, student, tokenizer, optimizer, start: int, eval_set, reward_fn,
                 end_ids, timer: "Timer", tokens_seen: int) -> dict:
     """The final checkpoint and evaluation, then the time breakdown and tokens/s, printed and returned."""
     summary = {}
     if start < cfg.steps:
-        save_checkpoint(out, cfg.steps, student, tokenizer, optimizer, cfg)
+        save_checkpoint(out_dir, cfg.steps, student, tokenizer, optimizer, cfg)
     if eval_set:
         with timer("eval"):
             examples = eval_set[: cfg.eval_limit]
             summary["eval"] = _evaluate_aside(student, tokenizer, examples, reward_fn, cfg, end_ids, cfg.steps - 1)
-        _append_row(out / "metrics.jsonl", dict(step=cfg.steps - 1, eval=True, final=True, **summary["eval"]))
+        _append_row(out_dir / "metrics.jsonl", dict(step=cfg.steps - 1, eval=True, final=True, **summary["eval"]))
     busy = sum(timer.get(phase, 0.0) for phase in ("sampling", "teacher", "update"))
     times = {phase: round(seconds, 3) for phase, seconds in timer.items()}
     summary.update(time=times, tokens_per_s=tokens_seen / busy if busy else 0.0)
@@ -1514,10 +1517,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, cfg: KDRLConfig) -> Path:
-    """Write <out>/checkpoint atomically: build it in a temporary directory, then rename it into place,
+def save_checkpoint(out_dir: Path, step: int, student, tokenizer, optimizer, cfg: KDRLConfig) -> Path:
+    """Write <out_dir>/checkpoint atomically: build it in a temporary directory, then rename it into place,
     so an interrupted save never leaves a half-written checkpoint and the last good one survives."""
-    final, tmp, old = out / "checkpoint", out / ".checkpoint.tmp", out / ".checkpoint.old"
+    final, tmp, old = out_dir / "checkpoint", out_dir / ".checkpoint.tmp", out_dir / ".checkpoint.old"
     if not final.exists() and old.exists():  # a save was interrupted between its renames: put the good one back
         old.rename(final)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1599,9 +1602,11 @@ def _disable_dropout(model) -> None:
 
 def _compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """cfg.dtype → the dtype forward passes run in: "auto" is bfloat16 on CUDA, float32 elsewhere."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if dtype == "float32":
+        return torch.float32
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" else torch.float32  # "auto"
 
 
 def _autocast(dtype: str, device: torch.device) -> torch.autocast:
@@ -1610,7 +1615,7 @@ def _autocast(dtype: str, device: torch.device) -> torch.autocast:
 
 
 def _logprobs(cfg: KDRLConfig, model, rollouts: Rollouts, vocab_size: int, **kwargs):
-    """token_logprobs of the rollouts under model at the sampling temperature (SFT: T = 1, it is plain NLL)."""
+    """token_logprobs of the rollouts under model at the sampling temperature (SFT: τ = 1, it is plain NLL)."""
     temperature = 1.0 if cfg.sft else cfg.temperature
     return token_logprobs(model, rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask,
                           temperature=temperature, vocab_size=vocab_size, chunk_size=cfg.logprob_chunk, **kwargs)

@@ -534,7 +534,7 @@ def _kl_curve(run: Path, window: int = 10) -> list[float]:
 
 def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list[str]:
     """Time kdrl.train's GRPO and KDRL steps: a tiny Llama (6 layers, hidden 256) as student *and* teacher,
-    8 addition prompts × 8 samples, ≤ 48 new tokens at T = 1, μ = 1, fp32, 2 threads on CPU. Prints the
+    8 addition prompts × 8 samples, ≤ 48 new tokens at temperature 1, μ = 1, fp32, 2 threads on CPU. Prints the
     median step after `warmup` steps, its breakdown, non-pad tokens/s, and one `bench ...` line per method."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
