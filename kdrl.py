@@ -356,7 +356,8 @@ def _vocab_log_softmax(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class _FullKL(torch.autograd.Function):
-    """KL(softmax(s) ‖ softmax(t)) per row, chunked, with the analytic gradient ∇_s = p ⊙ (log p − log q − KL).
+    """KL(softmax(s) ‖ softmax(t)) per row, chunked, with the analytic gradient
+    ∇_s = p ⊙ (log p − log q − KL).
     Saves only its inputs; each chunk's log-softmaxes are rebuilt in the backward pass and updated in place, so
     at most three (chunk, V) float32 tensors are alive at once."""
 
@@ -379,7 +380,8 @@ class _FullKL(torch.autograd.Function):
         grad = torch.zeros_like(s)  # padded columns ≥ vocab_size carry no probability and get no gradient
         for i in range(0, s.shape[0], C):
             logp = _vocab_log_softmax(s[i : i + C], V)  # (chunk, V)
-            g = _vocab_log_softmax(t[i : i + C], V).neg_().add_(logp).sub_(kl[i : i + C, None])  # log p − log q − KL
+            # log p − log q − KL, in place:
+            g = _vocab_log_softmax(t[i : i + C], V).neg_().add_(logp).sub_(kl[i : i + C, None])
             g.mul_(logp.exp_()).mul_(grad_out[i : i + C, None])  # p ⊙ (log p − log q − KL) · grad_out
             grad[i : i + C, :V] = g.to(s.dtype)
         return grad, None, None, None
@@ -485,7 +487,8 @@ def grpo_advantages(
     if scale_by_std and group_size > 1:
         centred = centred / (r.std(dim=1, keepdim=True) + torch.ldexp(torch.full_like(r[:, :1], eps), 1 - exponent))
     else:
-        centred = torch.ldexp(centred, exponent - 1)  # Dr.GRPO: back in reward units (overflows only if r − mean does)
+        # Dr.GRPO: back in reward units (overflows only if r − mean does)
+        centred = torch.ldexp(centred, exponent - 1)
     constant = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
     return torch.where(constant, 0.0, centred).view(-1)
 
@@ -600,7 +603,8 @@ def kdrl_loss(
     """The KDRL loss −J_KDRL = −J_GRPO + β · KL(π ‖ π_T), for one (mini)batch. Returns (loss, metrics).
 
     A composition of the pure functions above, each aggregated over response tokens as cfg.loss_agg says:
-      policy term  −clipped_surrogate(ρ, A), with ρ = π/π_old, or RLAD's trrd_log_ratio when cfg.trrd_alpha is set;
+      policy term  −clipped_surrogate(ρ, A), with ρ = π/π_old, or RLAD's trrd_log_ratio when cfg.trrd_alpha
+                   is set;
       KD term      β · kd_token_loss (cfg.kd_mode="loss"; exact_kl for kd_kind="full"), or β · kd_reward_returns
                    added to A ("reward");
     with the KD term only on the responses cfg.kd_mask keeps (kd_response_mask). With beta = 0 this is exactly the
