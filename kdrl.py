@@ -1443,13 +1443,17 @@ class Timer(dict):
             _sync()
             self[name] = self.get(name, 0.0) + time.perf_counter() - t0
 
+    def __init__(self):
+        super().__init__()
+        self._at_step_start = {}  # the totals when the current step began
+
     def start_step(self) -> None:
         self._at_step_start = dict(self)
 
     def step_times(self) -> dict:
-        """{"time_sampling": s, "time_teacher": s, "time_update": s} since start_step()."""
-        before = self._at_step_start
-        return {f"time_{phase}": self[phase] - before.get(phase, 0.0) for phase in ("sampling", "teacher", "update")}
+        """{"time_sampling": s, "time_teacher": s, "time_update": s} since start_step() (0 for a phase not run)."""
+        phases = ("sampling", "teacher", "update")
+        return {f"time_{name}": self.get(name, 0.0) - self._at_step_start.get(name, 0.0) for name in phases}
 
 
 def _sync():
