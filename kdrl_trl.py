@@ -24,7 +24,11 @@ kdrl.score_completions, and the log-probs from kdrl.head_logprobs. What this fil
 - vLLM: TRL's importance-sampling correction w = π_old/π_vLLM (truncated or masked as vllm_importance_sampling_mode
   says) is kept for the policy term and applied to the KD term too, through kdrl_loss's token_weight. The KD
   term's own weight π/π_old times w is then π/π_vLLM: the sampler's tokens, reweighted to the current policy, so
-  the KD gradient is again the on-policy one. (TRL applies its correction to the policy term only.)
+  the KD gradient is again the on-policy one. (TRL applies its correction to the policy term only.) vLLM samples
+  from every logit column, so a student whose head is wider than its tokenizer is refused with --use-vllm (TRL's
+  generate masks the padded columns, with suppress_tokens);
+- dropout off in the student too, its float attention_dropout included: TRL zeroes nn.Dropout modules only, and
+  samples and scores in train mode, where HF attention applies it.
 
 Refused, with an error that says why: the sft and sft-all presets (not policy-gradient methods; use TRL's SFTTrainer on
 the teacher's correct samples), and kd_kind="full" (kdrl-full): kdrl.py computes it without (B, T, V) logits by
@@ -38,10 +42,12 @@ Differences from kdrl.py's own loop, all from TRL: the data order (TRL's seeded 
 the sampler (transformers' generate or vLLM, not kdrl.sample_rollouts), checkpoints (TRL's checkpoint-N folders,
 and a final save_pretrained folder <out>/checkpoint), and the step counter: TRL counts optimizer steps, so
 max_steps = steps × μ and β is scheduled at global_step // μ, the kdrl step. Two more: --resume is TRL's
-resume_from_checkpoint, which does not compare the config with the checkpoint's as kdrl.py does; and the end ids
-are TRL's: the tokenizer's EOS and the student's generation_config ids (kdrl.end_token_ids also adds the teacher's).
+resume_from_checkpoint, which does not compare the config with the checkpoint's as kdrl.py does (metrics.jsonl is
+trimmed as kdrl.py's is: the rows before the checkpoint resumed from stay); and the end ids are TRL's: the
+tokenizer's EOS and the student's generation_config ids (kdrl.end_token_ids also adds the teacher's).
 Logging is TRL's too: it logs every optimizer step (its console lines and <out>/metrics.jsonl), so --log-every,
-which sets kdrl.py's `|`-separated line, is not used here.
+which sets kdrl.py's `|`-separated line, is not used here. As in kdrl.py, kl_k1, kl_k3 and kd_loss are logged only
+when a teacher is scored.
 
 Run:  python kdrl_trl.py --student PATH --teacher PATH --train data.jsonl --method kdrl --steps 100
       accelerate launch [--config_file zero3.yaml] kdrl_trl.py ...   (see the README, "Beyond one GPU")
@@ -63,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather
 from datasets import Dataset
+from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 
@@ -76,9 +83,14 @@ CHECKPOINTING_FIELD = next(
     name for name in ("activation_checkpointing", "gradient_checkpointing") if name in GRPOConfig.__dataclass_fields__
 )
 
-# Logged once per optimizer step: these are each micro-batch's share of the batch total (they add up); the
-# other kdrl_loss metrics are per-token means (they are averaged, weighted by response tokens).
+# Logged once per optimizer step: these are each micro-batch's share of the batch total, times P (kdrl_loss divides
+# by the global count / P, for DDP's gradient average over P processes), so they are summed over micro-batches and
+# processes, then divided by P; the other kdrl_loss metrics are per-token means (averaged, weighted by tokens).
 _SUMMED_METRICS = ("pg_loss", "kd_loss")
+
+# kdrl_loss's metrics that compare with the teacher: left out when no teacher is scored (as kdrl._loss_metrics does),
+# since against the zero teacher_logps kl_k1 would read mean log π.
+_TEACHER_METRICS = ("kl_k1", "kl_k3", "kd_loss")
 
 
 # -----------------------------------------------------------------------------
@@ -161,6 +173,9 @@ class KDRLTrainer(GRPOTrainer):
                 f"cfg.temperature={cfg.temperature} differs from GRPOConfig.temperature={self.temperature}"
             )
         self.needs_teacher = max(cfg.beta, cfg.beta_min or 0.0) > 0 or cfg.trrd_alpha is not None
+        # TRL's disable_dropout zeroes nn.Dropout modules only; HF attention applies its float attention_dropout in
+        # train mode, the mode TRL samples and scores in: kdrl's switch zeroes both, so every pass sees one policy.
+        kdrl._disable_dropout(self.model)
         add_kdrl_head(self.model, self.temperature, self.vocab_size, cfg.logprob_chunk)
         self.teacher = self._prepare_teacher(teacher) if self.needs_teacher else None
 
@@ -284,12 +299,13 @@ class KDRLTrainer(GRPOTrainer):
         self._window.append((n_tokens, metrics))
         if not self.accelerator.sync_gradients:
             return
-        keys = sorted(metrics)
+        keys = sorted(k for k in metrics if self.needs_teacher or k not in _TEACHER_METRICS)
         local = [sum(m[k] if k in _SUMMED_METRICS else n * m[k] for n, m in self._window) for k in keys]
         local.append(sum(n for n, _ in self._window))
         totals = self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), reduction="sum")
+        processes, tokens = self.accelerator.num_processes, max(totals[-1].item(), 1)
         for k, value in zip(keys, totals[:-1].tolist(), strict=True):
-            self._metrics["train"][k].append(value if k in _SUMMED_METRICS else value / max(totals[-1].item(), 1))
+            self._metrics["train"][k].append(value / processes if k in _SUMMED_METRICS else value / tokens)
         self._metrics["train"]["beta"].append(beta)
         self._window = []
 
@@ -456,12 +472,20 @@ def run(cfg: kdrl.KDRLConfig, trl_options: dict, reward_fn: Callable = kdrl.math
         kdrl.check_prompt_lengths(tokenizer, student, examples, cfg.max_new_tokens, source)
     args = grpo_config(cfg, world_size(), **trl_options)
     width = student.get_output_embeddings().weight.shape[0]
-    if width > len(tokenizer) and not args.use_vllm:  # padded logit columns carry no probability, as in kdrl.py
+    if width > len(tokenizer):  # padded logit columns carry no probability, as in kdrl.py: the sampler must mask them
+        if args.use_vllm:  # vLLM samples every column, and its masking option is untested here: refuse
+            raise kdrl.KDRLError(
+                f"--use-vllm: the student {cfg.student} has {width} logit columns for {len(tokenizer)} tokens, and "
+                "vLLM would sample the padded ones; run without --use-vllm (TRL's generate masks them), or save the "
+                "student after model.resize_token_embeddings(len(tokenizer)), which changes nothing kdrl computes"
+            )
         padded_ids = list(range(len(tokenizer), width))
         args.generation_kwargs = {**(args.generation_kwargs or {}), "suppress_tokens": padded_ids}
     metrics = Path(cfg.out) / "metrics.jsonl"
     if not cfg.resume and metrics.exists() and is_main_process():
         metrics.unlink()  # a fresh run starts a fresh log
+    if cfg.resume and is_main_process():
+        _trim_metrics_for_resume(Path(cfg.out), cfg.mu)
     trainer = KDRLTrainer(cfg, student, cfg.teacher, reward_fn, train_set, args=args,
                           train_dataset=dataset_for(tokenizer, train_set), processing_class=tokenizer, **trainer_kwargs)
     try:
@@ -477,6 +501,22 @@ def run(cfg: kdrl.KDRLConfig, trl_options: dict, reward_fn: Callable = kdrl.math
     if eval_set:
         _evaluate(trainer, tokenizer, eval_set, reward_fn, cfg, device)
     return trainer
+
+
+def _trim_metrics_for_resume(out: Path, mu: int) -> None:
+    """--resume: keep the metrics.jsonl rows of the kdrl steps before the last <out>/checkpoint-N, the one TRL resumes
+    from, so that the steps it redoes are not logged twice (kdrl.py keeps those before its checkpoint the same way)."""
+    metrics = out / "metrics.jsonl"
+    checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if checkpoint is None or not metrics.exists():
+        return  # no checkpoint: trainer.train says so
+    state = Path(checkpoint) / "trainer_state.json"
+    try:
+        start = json.loads(state.read_text())["global_step"] // mu  # optimizer steps → the kdrl step TRL resumes at
+    except (OSError, ValueError, KeyError) as e:
+        raise kdrl.KDRLError(f"--resume: cannot read the step of {state} ({e})") from None
+    kept = [line for line in metrics.read_text().splitlines() if kdrl._keep_on_resume(json.loads(line), start)]
+    metrics.write_text("".join(line + "\n" for line in kept))
 
 
 def _evaluate(trainer, tokenizer, eval_set, reward_fn, cfg, device) -> None:
