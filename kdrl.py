@@ -231,12 +231,16 @@ def validate_config(cfg: KDRLConfig) -> None:
             raise KDRLError(f"config field {name}={getattr(cfg, name)!r}: must be one of {choices}")
     if cfg.method not in METHODS:
         raise KDRLError(f"config field method={cfg.method!r}: must be one of {tuple(METHODS)}")
+    # every float field (an Optional one when set), before the range checks below: inf passes `x >= 0`
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise KDRLError(f"config field {f.name}={value}: must be a finite number")
     counts = ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "minibatch_size", "logprob_chunk")
     for name in counts:
         if getattr(cfg, name) < 1:
             raise KDRLError(f"config field {name}={getattr(cfg, name)}: must be >= 1")
-    # `not x >= 0` rather than `x < 0`, so that NaN is refused too
-    ranges = [
+    ranges = [  # the floats are finite by now
         ("beta", cfg.beta >= 0, ">= 0"),
         ("lr", cfg.lr > 0, "> 0"),
         ("clip_eps_low", 0 <= cfg.clip_eps_low < 1, "in [0, 1)"),
@@ -268,6 +272,13 @@ def validate_config(cfg: KDRLConfig) -> None:
         )
     if cfg.kd_kind == "full" and cfg.kd_mode == "reward":
         raise KDRLError("config field kd_kind='full' needs kd_mode='loss' (reward mode uses the sampled-token k1)")
+    if cfg.kd_mode == "reward" and cfg.kd_baseline == "loo" and cfg.kd_mask == "group":  # see kd_reward_returns
+        raise KDRLError(
+            "config fields kd_baseline='loo', kd_mask='group' (kd_mode='reward'): the leave-one-out baseline would be "
+            "biased, because whether the other responses keep their KD returns depends on whether this response is "
+            "correct, so the baseline depends on this response. Pass kd_baseline='none', or kd_mask 'none' or "
+            "'response'"
+        )
     if cfg.kd_kind == "full" and max(cfg.beta, cfg.beta_min or 0.0) == 0 and not cfg.sft:
         raise KDRLError("config field kd_kind='full' with beta=0: there is no KD term to compute (use k2, or beta > 0)")
     conflicts = method_conflicts(cfg)
@@ -297,6 +308,19 @@ def method_conflicts(cfg: KDRLConfig) -> list[str]:
     if method == "kdrl-anneal" and (cfg.beta_min is None or cfg.beta_decay_steps < 1):
         out.append(f"beta_min={cfg.beta_min!r}, beta_decay_steps={cfg.beta_decay_steps} contradict "
                    f"method={method!r}, which needs a beta_min and beta_decay_steps >= 1")
+    # Knobs that would silently turn the method into another one.
+    if method in ("kd", "kdrl", "kdrl-anneal", "kdrl-mask") and cfg.kd_mode == "loss" and cfg.kd_kind == "k1":
+        # E_{y~π}[∇ log π(y)] = 0: k1's loss-mode gradient is pure noise (kdrl-seq's reward mode uses k1 soundly)
+        out.append(f"kd_kind='k1' contradicts method={method!r}: in the loss, k1 = log π − log π_T has zero "
+                   "expected gradient (E[∇ log π] = 0), so the KD term adds only noise; use k2, k3 or full")
+    if method == "rlad" and cfg.trrd_alpha == 1.0:
+        out.append(f"trrd_alpha=1.0 contradicts method={method!r}: (π/π_old)^1 · (π/π_T)^0 leaves the teacher out "
+                   "of the ratio, which is exactly grpo; use trrd_alpha < 1")
+    if method in ("sft", "sft-all"):  # the NLL loss never reads β: a --beta would be ignored, not applied
+        for name in ("beta", "beta_min"):
+            if getattr(cfg, name) != getattr(preset, name):
+                out.append(f"{name}={getattr(cfg, name)!r} contradicts method={method!r}, which has no KD term "
+                           f"(SFT trains by NLL on the teacher's samples and ignores β); leave {name} unset")
     return out
 
 
@@ -351,24 +375,44 @@ def kl_estimate(logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str, clamp
 
 
 def _vocab_log_softmax(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """log-softmax over the first vocab_size columns, in float32 (float64 stays float64)."""
-    return torch.log_softmax(logits[..., :vocab_size].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    """log-softmax over the first vocab_size columns, in float32 (float64 stays float64). (..., ≥V) → (..., V).
+
+    Written as (x − m) − log Σ exp(x − m), not torch.log_softmax: the latter's float32 CPU kernel accumulates its
+    sum serially and is off by 2e-5 at V = 151,936, where torch.sum's pairwise sum is off by 1e-6. One (..., V)
+    buffer besides the result, which is a fresh tensor (never the caller's logits)."""
+    x = logits[..., :vocab_size]  # (..., V)
+    row_max = x.amax(dim=-1, keepdim=True).to(torch.promote_types(logits.dtype, torch.float32))  # (..., 1)
+    out = x - row_max  # (..., V), float32 (or float64) by type promotion
+    return out.sub_(out.exp().sum(dim=-1, keepdim=True).log_())
+
+
+def _autocast_off(device: torch.device):
+    """A context in which autocast does not touch ops on `device` (none where the device has no autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _FullKL(torch.autograd.Function):
     """KL(softmax(s) ‖ softmax(t)) per row, chunked, with the analytic gradient
     ∇_s = p ⊙ (log p − log q − KL).
     Saves only its inputs; each chunk's log-softmaxes are rebuilt in the backward pass and updated in place, so
-    at most three (chunk, V) float32 tensors are alive at once."""
+    at most three (chunk, V) float32 tensors are alive at once.
+    Both passes run with autocast off, so every reduction is float32 even inside the bfloat16 autocast of the
+    update (where a matmul, e.g. a bmm for Σ_v, would run in bfloat16: errors up to 5e-3 in value and gradient).
+    The KL is Σ_v p (log p − log q) / Σ_v p over the float32 p: dividing by the float32 Σ_v p (1 to rounding)
+    cancels the rounding that log p shares across the row, and makes Σ_v ∇_s = 0 up to the rounding of its terms."""
 
     @staticmethod
     def forward(ctx, s, t, vocab_size, chunk_size):  # s, t: (N, ≥vocab_size)
         out = s.new_empty(s.shape[0], dtype=torch.promote_types(s.dtype, torch.float32))
-        for i in range(0, s.shape[0], chunk_size):
-            logp = _vocab_log_softmax(s[i : i + chunk_size], vocab_size)  # (chunk, V) float32
-            diff = _vocab_log_softmax(t[i : i + chunk_size], vocab_size).neg_().add_(logp)  # log p − log q
-            p = logp.exp_()  # (chunk, V), in place
-            out[i : i + chunk_size] = torch.bmm(p[:, None, :], diff[:, :, None]).view(-1)  # Σ_v p (log p − log q)
+        with _autocast_off(s.device):
+            for i in range(0, s.shape[0], chunk_size):
+                logp = _vocab_log_softmax(s[i : i + chunk_size], vocab_size)  # (chunk, V) float32
+                logq = _vocab_log_softmax(t[i : i + chunk_size], vocab_size)  # (chunk, V)
+                diff = torch.sub(logp, logq, out=logq)  # log p − log q, in place
+                p = logp.exp_()  # (chunk, V), in place
+                out[i : i + chunk_size] = diff.mul_(p).sum(-1).div_(p.sum(-1))  # Σ_v p (log p − log q) / Σ_v p
         ctx.save_for_backward(s, t, out)
         ctx.vocab_size, ctx.chunk_size = vocab_size, chunk_size
         return out
@@ -378,12 +422,13 @@ class _FullKL(torch.autograd.Function):
         s, t, kl = ctx.saved_tensors
         V, C = ctx.vocab_size, ctx.chunk_size
         grad = torch.zeros_like(s)  # padded columns ≥ vocab_size carry no probability and get no gradient
-        for i in range(0, s.shape[0], C):
-            logp = _vocab_log_softmax(s[i : i + C], V)  # (chunk, V)
-            # log p − log q − KL, in place:
-            g = _vocab_log_softmax(t[i : i + C], V).neg_().add_(logp).sub_(kl[i : i + C, None])
-            g.mul_(logp.exp_()).mul_(grad_out[i : i + C, None])  # p ⊙ (log p − log q − KL) · grad_out
-            grad[i : i + C, :V] = g.to(s.dtype)
+        with _autocast_off(s.device):
+            for i in range(0, s.shape[0], C):
+                logp = _vocab_log_softmax(s[i : i + C], V)  # (chunk, V)
+                logq = _vocab_log_softmax(t[i : i + C], V)  # (chunk, V)
+                g = torch.sub(logp, logq, out=logq).sub_(kl[i : i + C, None])  # log p − log q − KL, in place
+                g.mul_(logp.exp_()).mul_(grad_out[i : i + C, None])  # p ⊙ (log p − log q − KL) · grad_out
+                grad[i : i + C, :V] = g.to(s.dtype)
         return grad, None, None, None
 
 
@@ -395,7 +440,9 @@ def full_kl(
 ) -> torch.Tensor:
     """Exact per-position KL(π ‖ π_T) = Σ_v p_v (log p_v − log q_v) over the vocabulary. (..., V) → (...).
 
-    Computed in float32 whatever the logits' dtype (bf16 logits included), or float64 for float64 logits.
+    Computed in float32 whatever the logits' dtype (bf16 logits included) and under any autocast (the update's bf16
+    autocast included), or float64 for float64 logits: value and gradient are within float32 rounding of the
+    float64 definition, also at V = 151,936 (relative errors about 2e-7 and 6e-7).
 
     vocab_size: take both distributions over the first vocab_size columns only, renormalised. Use it when
     the checkpoints pad their logits to different widths (Qwen2.5-0.5B: 151,936; 7B: 152,064) although
@@ -453,7 +500,8 @@ def leave_one_out_baseline(returns: torch.Tensor, group_size: int) -> torch.Tens
     """For each response, the mean of the *other* G − 1 responses' returns at the same position. (B, T) → (B, T),
     groups contiguous; 0 for G = 1. It depends only on the other samples of the group, which are independent of
     this one, so subtracting it from this response's return leaves the expected policy gradient unchanged while
-    removing the part of the return that every response shares (its scale grows with the response length)."""
+    removing the part of the return that every response shares (its scale grows with the response length),
+    provided the others' returns do not depend on this response (a KD mask may break that: see kd_reward_returns)."""
     if group_size == 1:
         return torch.zeros_like(returns)
     grouped = returns.view(-1, group_size, returns.shape[-1])  # (num_groups, G, T)
@@ -577,8 +625,13 @@ def kd_reward_returns(
 
     kl_reward_to_go(γ) on the positions `keep` selects (0 elsewhere: the KD mask), minus, with leave_one_out, the
     mean of the other G − 1 responses' returns at the same position (leave_one_out_baseline; groups contiguous and
-    whole). The baseline is subtracted from every response, so its expected gradient is 0 under any KD mask
-    (exactly so with loss_agg="constant")."""
+    whole). The baseline is subtracted from every response, the ones the mask drops included. Its expected gradient
+    is 0 (exactly so with loss_agg="constant") when whether a response is kept depends on that response alone
+    (kd_mask "none" or "response"): the others' kept returns are then independent of this one. Not under "group":
+    whether the others keep their returns depends on whether this response is correct, so the baseline depends on
+    it and biases the gradient; validate_config and kdrl_loss refuse that combination. Nor is there a fix that
+    applies a baseline to kept responses only: when keeping depends on the response, such a baseline is unbiased
+    only if its mean is 0, and then it removes no variance."""
     returns = torch.where(keep, kl_reward_to_go(logp, teacher_logp, mask, gamma), 0.0)  # (B, T)
     if leave_one_out:
         returns = returns - leave_one_out_baseline(returns, group_size)  # (B, T)
@@ -644,6 +697,8 @@ def kdrl_loss(
     adv = advantages.detach()[:, None].to(logp.dtype).expand_as(logp)  # (B, T): each response's A on its tokens
     if cfg.kd_mode == "reward":  # KD as a reward: β × the KD return joins the advantage
         leave_one_out = cfg.kd_baseline == "loo"
+        if leave_one_out and cfg.kd_mask == "group":  # validate_config refuses it too; this loss is copied without it
+            raise ValueError("kdrl_loss: kd_baseline='loo' with kd_mask='group' is biased (see kd_reward_returns)")
         kd_returns = kd_reward_returns(logp, teacher_logp, mask, kd_keep, cfg.kd_gamma, cfg.group_size, leave_one_out)
         adv = adv + beta * kd_returns  # (B, T)
     surrogate = clipped_surrogate(ratio, adv, cfg.clip_eps_low, cfg.clip_eps_high)  # (B, T)
@@ -1145,7 +1200,8 @@ def train(
       1. sample G responses per prompt (SFT: from the teacher; its rows' reward/acc/length are then the teacher's)
       2. rewards and correctness   3. group advantages   4. teacher (and, for μ > 1, old-policy) log-probs, no grad
       5. μ epochs, each one optimizer step with gradients accumulated over minibatches   6. log
-    On CUDA (cfg.dtype "auto") every forward pass runs under bfloat16 autocast, over float32 master weights.
+    Every forward pass, evaluation's included, runs under bfloat16 autocast when cfg.dtype resolves to bfloat16
+    ("auto" on CUDA, or "bfloat16"), over float32 master weights; otherwise in float32.
     """
     from tqdm.auto import tqdm
 
@@ -1498,9 +1554,10 @@ def _mean(values: list) -> float:
 
 def _evaluate_aside(model, tokenizer, examples, reward_fn, cfg: KDRLConfig, end_ids, step: int) -> dict:
     """evaluate() on its own seeded RNG stream (seed, step), restored afterwards: evaluating, or not, never
-    changes what training samples next, so a run resumed with another eval_every continues exactly."""
+    changes what training samples next, so a run resumed with another eval_every continues exactly.
+    It runs under the same autocast as training's sampling, so the accuracy is that of the policy as it samples."""
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _autocast(cfg.dtype, device):
         torch.manual_seed(cfg.seed * 100_003 + step + 1)
         return evaluate(model, tokenizer, examples, reward_fn, cfg, end_ids=end_ids)
 
@@ -1518,11 +1575,24 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> Optional[str]:
+    """Restore the RNG states saved by _rng_state, as far as this machine allows; returns what could not be
+    restored (None if nothing). The CPU and Python states always are. CUDA: one state per device at save time;
+    with fewer visible now, the first ones are restored (a single-GPU run draws on device 0 alone)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda", [])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, device_state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(device_state, index)
+    what = f"the checkpoint's CUDA RNG state ({len(saved)} device{'s' if len(saved) != 1 else ''})"
+    if visible == 0 and saved:
+        return f"{what} was not restored: no CUDA device is visible"
+    if visible < len(saved):
+        return f"{what} was restored for the first {visible} only: {visible} visible now"
+    if device.type == "cuda" and not saved:
+        return "the checkpoint holds no CUDA RNG state (written without CUDA): CUDA draws restart from the seed"
+    return None
 
 
 def save_checkpoint(out_dir: Path, step: int, student, tokenizer, optimizer, cfg: KDRLConfig) -> Path:
@@ -1578,13 +1648,16 @@ def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = 
     """Restore the student's weights, the optimizer and the RNG from a checkpoint; returns its step.
     Falls back to the previous one if a save was interrupted between its two renames. With cfg, first refuses
     a config that differs from the checkpoint's in anything but RESUME_MAY_CHANGE. Nothing in the folder is
-    unpickled as code: trainer_state.pt loads with weights_only=True, the weights from safetensors."""
+    unpickled as code: trainer_state.pt loads with weights_only=True, the weights from safetensors.
+    A checkpoint resumes on another device (GPU to CPU and back, fewer GPUs): what cannot be restored (part of the
+    RNG state) is named in a note on stderr, and such a resume continues the run but not bit for bit."""
     if not (path / "trainer_state.pt").exists() and (path.parent / ".checkpoint.old" / "trainer_state.pt").exists():
         path = path.parent / ".checkpoint.old"
     if not (path / "trainer_state.pt").exists():
         raise KDRLError(f"--resume: no checkpoint at {path} (missing trainer_state.pt)")
     try:
-        state = torch.load(path / "trainer_state.pt", weights_only=True)
+        # to the CPU whatever device wrote it: optimizer.load_state_dict moves its state to the parameters' device
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
         saved_cfg = json.loads((path / "kdrl_config.json").read_text())
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         raise KDRLError(f"--resume: cannot read the checkpoint in {path} ({type(e).__name__}: {e})") from None
@@ -1593,7 +1666,9 @@ def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = 
     saved = type(student).from_pretrained(path, dtype=next(student.parameters()).dtype)
     student.load_state_dict(saved.state_dict())
     optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
+    lost = _set_rng_state(state["rng"], next(student.parameters()).device)
+    if lost:
+        print(f"note: --resume: {lost}; resuming across devices is not bit-exact", file=sys.stderr)
     return state["step"]
 
 
@@ -1768,11 +1843,14 @@ def config_from_flags(flags: dict) -> KDRLConfig:
     says so on stderr (the flag wins); one that contradicts the method itself is refused by validate_config."""
     args = dict(flags)
     method = args.pop("method", KDRLConfig.method)
+    cfg = KDRLConfig.from_method(method, **args)
+    if method_conflicts(cfg):  # refused by validate_config: no note saying a flag won
+        return cfg
     for name, value in args.items():
         if name in METHODS[method] and METHODS[method][name] != value:
             flag = "--" + name.replace("_", "-")
             print(f"note: {flag} {value} overrides --method {method}'s {name}={METHODS[method][name]}", file=sys.stderr)
-    return KDRLConfig.from_method(method, **args)
+    return cfg
 
 
 def main(argv=None) -> int:
