@@ -8,14 +8,17 @@ written out here, from their definitions.
 
 Part 2, the model-facing half: sampling, log-probs, rewards, the loop, checkpoints and the CLI, on tiny
 Llama and Qwen2 models and a character tokenizer built in code and saved to temporary directories.
-Nothing is downloaded.
+Nothing is downloaded. They run on CPU, or on a GPU with `KDRL_TEST_DEVICE=cuda python -m pytest -q` (the few
+that only mean something on CPU say why they skip there).
 """
 import copy
 import dataclasses
 import functools
+import io
 import itertools
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -32,6 +35,30 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 import kdrl
 from train_tiny import char_tokenizer
+
+
+def _test_device(name: str) -> str:
+    """KDRL_TEST_DEVICE, validated: "cpu" (the default) or "cuda". "cuda" without a GPU is an error, not a silent
+    CPU run or a skip of everything."""
+    if name not in ("cpu", "cuda"):
+        raise RuntimeError(f"KDRL_TEST_DEVICE={name!r}: must be 'cpu' or 'cuda'")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"KDRL_TEST_DEVICE=cuda, but torch {torch.__version__} sees no CUDA device (built for CUDA "
+                           f"{torch.version.cuda}): unset KDRL_TEST_DEVICE to run the tests on CPU")
+    return name
+
+
+# The device of the model-facing tests (sampling, log-probs, the loop, resume, the demo, kdrl_trl in one process);
+# the pure math runs on CPU whatever it is, in float64.
+DEVICE = _test_device(os.environ.get("KDRL_TEST_DEVICE", "cpu"))
+if DEVICE == "cuda":
+    # Reruns and resumes on one GPU are compared bit for bit: cuBLAS needs a fixed workspace for that (set before its
+    # first call), and ops that have a deterministic CUDA kernel must use it. warn_only: the few without one warn
+    # rather than fail; attention over these short sequences never splits its keys, so it stays deterministic.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    # float32 matmuls in IEEE float32, not TF32, so the float32 tolerances mean on the GPU what they mean on CPU
+    torch.set_float32_matmul_precision("highest")
 
 F64 = torch.float64
 _U64 = 2.0**-52  # float64 machine epsilon (spacing at 1; twice the unit roundoff)
@@ -264,15 +291,22 @@ def _pair_kd_grad(student, teacher, V, L, gamma, baseline, weighted=True, kd_mas
     return _grad(loss, student)
 
 
+# Every kd_mask that validate_config accepts with kd_baseline="loo" (test_fix_math checks the list against kdrl):
+# "group" is refused, because there the baseline is biased (test_fix_math shows it by enumeration).
+_LOO_MASKS = ("none", "response")
+
+
 @settings(max_examples=10, **_SETTINGS)
-@given(_tables(2), st.sampled_from([0.0, 0.5, 1.0]), st.sampled_from(["none", "response"]))
+@given(_tables(2), st.sampled_from([0.0, 0.5, 1.0]), st.sampled_from(_LOO_MASKS))
 @example(_largest_case(2), 1.0, "none")
 @example(_largest_case(2), 1.0, "response")
+@example(_largest_case(2), 0.5, "response")
 def test_enum_leave_one_out_kd_baseline_keeps_the_expected_gradient(data, gamma, kd_mask):
-    """kd_baseline="loo" (kdrl-seq's default) is unbiased, exactly: over every *pair* of sequences (G = 2, each
-    response's baseline is the other's masked return), E[∇loss] = Σ P_i P_j ∇loss equals the same sum without the
-    baseline (for γ = 1 and no mask, the gradient of the sequence-level reverse KL: test above), also when the KD
-    mask depends on the response's own correctness."""
+    """kd_baseline="loo" (kdrl-seq's default) is unbiased, exactly, under every KD mask kdrl accepts with it: over
+    every *pair* of sequences (G = 2, each response's baseline is the other's masked return), E[∇loss] =
+    Σ P_i P_j ∇loss equals the same sum without the baseline (for γ = 1 and no mask, the gradient of the
+    sequence-level reverse KL: test above), also when the KD mask depends on the response's own correctness
+    ("response": the other's masked return still depends on the other response alone)."""
     V, L, (student, teacher) = data
     with_loo = _pair_kd_grad(student, teacher, V, L, gamma, "loo", kd_mask=kd_mask)
     without = _pair_kd_grad(student, teacher, V, L, gamma, "none", kd_mask=kd_mask)
@@ -1044,14 +1078,14 @@ CHARS = "0123456789+=#| "
 
 
 def _tiny(kind: str, vocab_size: int, seed: int):
-    """A random tiny causal LM whose logit width vocab_size pads past the tokenizer's length."""
+    """A random tiny causal LM whose logit width vocab_size pads past the tokenizer's length, on DEVICE."""
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=2,
                   pad_token_id=0, bos_token_id=None)
     if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common)).eval()
-    return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+        return LlamaForCausalLM(LlamaConfig(**common)).eval().to(DEVICE)
+    return Qwen2ForCausalLM(Qwen2Config(**common)).eval().to(DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -1071,13 +1105,26 @@ def _argv(root: Path, out: Path, *extra):
     return ["--student", str(root / "student"), "--teacher", str(root / "teacher"),
             "--train", str(root / "train.jsonl"), "--out", str(out),
             "--steps", "2", "--group-size", "4", "--prompts-per-step", "2", "--max-new-tokens", "8",
-            "--minibatch-size", "4", "--lr", "1e-3", "--no-progress", *extra]
+            "--minibatch-size", "4", "--lr", "1e-3", "--no-progress", "--device", DEVICE, *extra]
 
 
 def _steps(out: Path) -> list[dict]:
     """The per-step metric rows, wall times left out (they are the only thing allowed to differ)."""
     rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if not r.get("eval")]
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+
+
+def test_test_device_is_validated():
+    """KDRL_TEST_DEVICE is "cpu" or "cuda"; anything else, or "cuda" on a machine without CUDA, stops the run at
+    import with the reason, rather than running on CPU or skipping everything."""
+    assert _test_device("cpu") == "cpu"
+    with pytest.raises(RuntimeError, match="KDRL_TEST_DEVICE='gpu': must be 'cpu' or 'cuda'"):
+        _test_device("gpu")
+    if torch.cuda.is_available():
+        assert _test_device("cuda") == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="KDRL_TEST_DEVICE=cuda, but torch .* sees no CUDA device"):
+            _test_device("cuda")
 
 
 # --- presets and the CLI ---------------------------------------------------------------------------
@@ -1105,12 +1152,13 @@ def test_every_preset_trains(pair, tmp_path, method):
 
 def test_gradient_checkpointing_is_active_and_changes_nothing(pair, tmp_path):
     """--gradient-checkpointing really checkpoints (HF only does so in train mode, so the update runs in train
-    mode with dropout zeroed) and trains to the same weights as without it."""
+    mode with dropout zeroed) and trains to the same weights as without it (float32, so the tolerance holds on a GPU
+    too)."""
     tok = char_tokenizer(CHARS)
     data = [{"prompt": f"{a}+1=", "answer": a + 1} for a in range(8)]
     weights, modes = [], []
     for gc in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(pair / "student")
+        model = AutoModelForCausalLM.from_pretrained(pair / "student").to(DEVICE)
         if gc:
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         layer = model.model.layers[0]
@@ -1120,7 +1168,7 @@ def test_gradient_checkpointing_is_active_and_changes_nothing(pair, tmp_path):
 
         hook = layer.register_forward_pre_hook(record_mode, with_kwargs=True)
         cfg = kdrl.KDRLConfig(out=str(tmp_path / str(gc)), steps=2, group_size=2, prompts_per_step=2, max_new_tokens=6,
-                              lr=1e-2, progress=False)
+                              lr=1e-2, progress=False, dtype="float32")
         kdrl.train(cfg, model, _tiny("qwen2", 32, 1), tok, data, kdrl.math_reward)
         hook.remove()
         weights.append(model.state_dict())
@@ -1164,7 +1212,8 @@ def test_cli_subprocess(pair, tmp_path):
 
 
 def test_resume_is_exact(pair, tmp_path):
-    """k steps, then --resume for k more, equals 2k uninterrupted steps: metrics and weights bit for bit."""
+    """k steps, then --resume for k more, equals 2k uninterrupted steps: metrics and weights bit for bit (on one
+    device: on a GPU in its default bfloat16 autocast, deterministic kernels on)."""
     flags = ("--method", "kdrl", "--seed", "3", "--mu", "2", "--minibatch-size", "4")
     a, b = tmp_path / "a", tmp_path / "b"
     assert kdrl.main(_argv(pair, a, *flags, "--steps", "4")) == 0
@@ -1182,7 +1231,8 @@ def test_the_loop_learns_grpo_reward_and_kd_teacher(tmp_path):
     """End-to-end sign check of the loop (advantages aligned with their responses, loss signs): on a reward
     a random model can find (completion starts with '7'), GRPO raises the training accuracy from ~5% to over
     40% in 30 steps; and on-policy KD toward a different model lowers the KL to it by over half. Seeded and
-    deterministic on CPU; the margins are wide (observed: 77% accuracy, KL well below half)."""
+    deterministic; a GPU draws other samples, and the margins are wide (observed on CPU: 77% accuracy, KL well below
+    half)."""
     tok = char_tokenizer(CHARS)
     student, teacher = _tiny("llama", len(tok), 0), _tiny("llama", len(tok), 5)
     data = [{"prompt": f"{a}+{a}=", "answer": "7"} for a in range(10)]
@@ -1224,9 +1274,13 @@ def test_bad_inputs(pair, tmp_path, capsys):
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "1+" * 40, "answer": 0}) + "\n")
     _fails(_argv(pair, out, "--train", str(long)), capsys, "line 1", "exceeds the context of 64")
-    if not torch.cuda.is_available():
-        _fails(_argv(pair, out, "--device", "cuda"), capsys, "CUDA is not available")
     assert not (out / "checkpoint").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused(pair, tmp_path, capsys):
+    _fails(_argv(pair, tmp_path / "o", "--device", "cuda"), capsys, "CUDA is not available")
+    assert not (tmp_path / "o" / "checkpoint").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(pair, tmp_path, capsys):
@@ -1279,7 +1333,7 @@ class _Scripted(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, **kw):
         B, L = input_ids.shape
-        logits = torch.zeros(B, L, self.width)
+        logits = torch.zeros(B, L, self.width, device=input_ids.device)
         target = torch.where(position_ids < self.stop, self.five, self.eos)
         logits.scatter_(2, target[..., None], 100.0)
         logits[..., self.width - 1] = 1000.0  # a padded column (≥ len(tokenizer)): must never be sampled
@@ -1293,7 +1347,7 @@ def test_response_mask_keeps_eos_drops_padding_flags_truncation(pad_is_eos):
     tok = char_tokenizer(CHARS)
     if pad_is_eos:
         tok.pad_token = tok.eos_token
-    model = _Scripted(tok, stop=3, width=len(tok) + 3)
+    model = _Scripted(tok, stop=3, width=len(tok) + 3).to(DEVICE)
     ro = kdrl.sample_rollouts(model, tok, ["1", "123", "12"], 1, 3, temperature=0.0)
     # after positions 0..2 the model says '5', after position ≥ 3 EOS; prompts end at positions 0, 2, 1
     assert ro.response_mask.tolist() == [[True, True, True], [True, True, False], [True, True, True]]
@@ -1312,17 +1366,33 @@ def _naive_logprobs(model, ro, V, temperature=1.0):
     return logp.gather(2, ro.response_ids[..., None]).squeeze(-1) * ro.response_mask
 
 
+def _first_sample_where(premise, sample, tries: int = 20):
+    """sample(seed) for the first seed 0, 1, ... whose batch meets the test's premise (ragged lengths, early ends),
+    so the premise holds by construction on every device (a GPU draws other samples from the same seed)."""
+    for seed in range(tries):
+        batch = sample(seed)
+        if premise(batch):
+            return batch
+    raise AssertionError(f"no seed in 0..{tries - 1} gave a batch that meets the premise")
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
 def test_token_logprobs_match_naive(kind, chunk):
     """Chunked, checkpointed log-probs equal log_softmax + gather, in value and gradient, at T = 0.7."""
     tok = char_tokenizer(CHARS)
     model = _tiny(kind, len(tok) + 5, seed=2)
-    torch.manual_seed(0)
-    ro = kdrl.sample_rollouts(model, tok, ["12+3=", "7=", "1+1+1="], 4, 24, temperature=0.7)
+
+    def sample(seed):
+        torch.manual_seed(seed)
+        return kdrl.sample_rollouts(model, tok, ["12+3=", "7=", "1+1+1="], 4, 24, temperature=0.7)
+
+    def ends_early(ro):
+        return (ro.response_mask.sum(1) < 12).float().mean() >= 0.25 and ro.response_mask.shape[1] > 12
+
     # a quarter of the rows end before half-way, so the sampler has dropped finished rows from its KV cache
-    assert (ro.response_mask.sum(1) < 12).float().mean() >= 0.25 and ro.response_mask.shape[1] > 12
-    weights = torch.randn(ro.response_mask.shape)
+    ro = _first_sample_where(ends_early, sample)
+    weights = torch.randn(ro.response_mask.shape, device=DEVICE)
 
     def grads(fn):
         model.zero_grad()
@@ -1350,7 +1420,7 @@ def test_greedy_sampler_matches_no_cache_loop():
     for i, p in enumerate(prompts):
         ids = tok(p)["input_ids"]
         for _ in range(10):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1, : len(tok)]
+            logits = model(input_ids=torch.tensor([ids], device=DEVICE)).logits[0, -1, : len(tok)]
             ids.append(int(logits.argmax()))
             if ids[-1] == tok.eos_token_id:
                 break
@@ -1410,7 +1480,7 @@ def test_demo_smoke_runs_every_arm(tmp_path):
     curves and one metrics.jsonl per run. No accuracy is asserted: the smoke preset checks the plumbing only."""
     import train_tiny
 
-    result = train_tiny.main(["--preset", "smoke", "--out", str(tmp_path)])
+    result = train_tiny.main(["--preset", "smoke", "--out", str(tmp_path), "--device", DEVICE])
     arms = [*kdrl.METHODS, *train_tiny.BETA_ARMS]
     assert {r["method"] for r in result["rows"]} == {"teacher", "student (start)", *arms}
     table = (tmp_path / "results.md").read_text()
@@ -1418,7 +1488,7 @@ def test_demo_smoke_runs_every_arm(tmp_path):
         assert f"| {name} | 1 |" in table
     assert (tmp_path / "curves.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["preset"] == "smoke" and len(saved["rows"]) == 2 + len(arms)
+    assert saved["preset"] == "smoke" and len(saved["rows"]) == 2 + len(arms) and saved["device"] == DEVICE
     for m in arms:
         assert len(_steps(tmp_path / f"{m}-seed0")) == train_tiny.PRESETS["smoke"].rl["steps"]
     betas = {r["beta"] for r in result["rows"] if r["method"] in train_tiny.BETA_ARMS}
@@ -1427,11 +1497,13 @@ def test_demo_smoke_runs_every_arm(tmp_path):
 
 def test_demo_is_deterministic_on_one_machine(tmp_path):
     """The README's reproducibility claim, and no more: the same command on the same machine (same torch, same thread
-    count) gives the same numbers; wall times aside. Across machines BLAS kernels differ, which it does not claim."""
+    count; on a GPU, deterministic kernels, as this module sets) gives the same numbers; wall times aside. Across
+    machines BLAS kernels differ, which it does not claim."""
     import train_tiny
 
     def numbers(out):
-        result = train_tiny.main(["--preset", "smoke", "--out", str(out), "--methods", "grpo,kdrl,sft"])
+        result = train_tiny.main(["--preset", "smoke", "--out", str(out), "--methods", "grpo,kdrl,sft", "--device",
+                                  DEVICE])
         drop = ("wall_s",)
         rows = [{k: (v if k != "curve" else [{c: x for c, x in point.items() if c not in drop} for point in v])
                  for k, v in row.items() if k not in drop} for row in result["rows"]]
@@ -1469,6 +1541,69 @@ def test_demo_splits_are_disjoint_and_the_teacher_data_has_its_designed_bug():
     assert sum(ex["region"] == "B" for ex in data["test"]) / p.n_test == pytest.approx(0.25, abs=0.04)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_check_gpu_refuses_without_cuda(capsys):
+    import train_tiny
+
+    with pytest.raises(SystemExit) as e:
+        train_tiny.main(["--check-gpu"])
+    assert e.value.code == 2 and "--check-gpu needs a CUDA GPU, and torch" in capsys.readouterr().err
+
+
+class _ScriptedProcess:
+    """subprocess.Popen for one part of check_gpu: prints a scripted output, then exits with a scripted status."""
+
+    def __init__(self, output: str, returncode: int):
+        self.stdout, self.returncode = io.BytesIO(output.encode()), returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+def test_check_gpu_runs_the_tests_the_smoke_preset_and_the_bench_on_cuda(monkeypatch, capsys):
+    """--check-gpu, seen from a CUDA machine (torch.cuda stubbed, each part's process scripted): the test suite with
+    KDRL_TEST_DEVICE=cuda, then the smoke preset and the bench with --device cuda; the summary names the GPU and the
+    versions and gives the tests' count, the bench's step times and peak memory; a failed part is named, exit 1."""
+    import transformers
+
+    import train_tiny
+
+    bench_out = ("bench: 6,304,000 parameters on cuda (Fake GPU), bfloat16 autocast over float32 weights\n"
+                 "bench grpo median_step_s=0.50 peak_mib=120\nbench kdrl median_step_s=0.60 peak_mib=150\n")
+    outputs = {"pytest": "....s.\n\n250 passed, 3 skipped in 150.00s\n", "--bench": bench_out,
+               "--preset": "teacher:  50%|#####     | 1/2\rteacher: 100%|##########| 2/2\n"
+                           "# Results: preset `smoke`, device cuda, 1 seed(s), total 12s\n| kdrl | 1 | ...\n"}
+    failing, runs = set(), []
+
+    def scripted_popen(command, cwd, env, **kwargs):
+        (part,) = [key for key in outputs if key in command]
+        runs.append((part, command, env.get("KDRL_TEST_DEVICE")))
+        return _ScriptedProcess(outputs[part], 1 if part in failing else 0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Fake GPU")
+    monkeypatch.setattr(subprocess, "Popen", scripted_popen)
+    result = train_tiny.check_gpu()
+    assert [part for part, _, _ in runs] == ["pytest", "--preset", "--bench"] and result["ok"]
+    assert all(device == "cuda" for _, _, device in runs)  # the tests read it; the CLI runs say --device cuda
+    assert runs[1][1][-4:-2] == ["--device", "cuda"] and runs[2][1][-2:] == ["--device", "cuda"]
+    assert runs[1][1][2:4] == ["--preset", "smoke"] and runs[0][1][1:] == ["-m", "pytest", "-q"]
+    summary = capsys.readouterr().out.split("\ncheck-gpu: Fake GPU")[-1].splitlines()
+    versions = f" | torch {torch.__version__} (CUDA {torch.version.cuda}) | transformers {transformers.__version__}"
+    assert summary[0] == versions
+    assert summary[1].startswith("  tests  ok") and summary[1].endswith("| 250 passed, 3 skipped in 150.00s")
+    assert summary[2].endswith("| # Results: preset `smoke`, device cuda, 1 seed(s), total 12s")
+    assert summary[3].endswith("| " + bench_out.strip().replace("\n", " | ")) and "peak_mib=150" in summary[3]
+    assert summary[4].startswith("check-gpu: all passed in ")
+    failing.add("--bench")
+    with pytest.raises(SystemExit) as e:
+        train_tiny.main(["--check-gpu"])
+    assert e.value.code == 1 and "check-gpu: FAILED: bench in " in capsys.readouterr().out
+
+
 def test_results_table_pairs_each_method_with_grpo_by_seed():
     """The paired columns' errors are those of the per-seed differences from grpo (here 10 and 20 points: ± 5.0),
     not the combined error of two means (± 18.0), since both methods start from the same student in each seed;
@@ -1493,14 +1628,20 @@ def test_results_table_pairs_each_method_with_grpo_by_seed():
 
 
 def test_bench_prints_one_machine_readable_line_per_method(pair, capsys):
-    """`train_tiny.py --bench --bench-model DIR` ends with a `bench <method> key=value ...` line for grpo and kdrl."""
+    """`train_tiny.py --bench --bench-model DIR --device D` names the device and the dtype it runs in, then ends with a
+    `bench <method> key=value ...` line for grpo and kdrl; on CUDA each also gives the peak allocated memory."""
     import train_tiny
 
-    train_tiny.main(["--bench", "--bench-model", str(pair / "student")])
-    lines = capsys.readouterr().out.strip().splitlines()[-2:]
+    train_tiny.main(["--bench", "--bench-model", str(pair / "student"), "--device", DEVICE])
+    printed = capsys.readouterr().out.strip().splitlines()
+    (header,) = [line for line in printed if line.startswith("bench: ")]
+    dtype = "bfloat16 autocast over float32 weights" if DEVICE == "cuda" else "float32"
+    assert f" parameters on {DEVICE} (" in header and header.endswith(f", {dtype}"), header
+    lines = printed[-2:]
+    peak = r" peak_mib=\d+" if DEVICE == "cuda" else ""
     pattern = (r"bench {} median_step_s=\d+\.\d\d sampling_s=\d+\.\d\d teacher_s=\d+\.\d\d update_s=\d+\.\d\d"
-               r" tokens_per_s=\d+ mean_len=\d+\.\d")
-    assert re.fullmatch(pattern.format("grpo"), lines[0]) and re.fullmatch(pattern.format("kdrl"), lines[1])
+               r" tokens_per_s=\d+ mean_len=\d+\.\d" + peak)
+    assert re.fullmatch(pattern.format("grpo"), lines[0]) and re.fullmatch(pattern.format("kdrl"), lines[1]), lines
 
 
 # --- real vocabularies: full-vocabulary KD without (B, T, V), end ids, config, resume -------------------------------
@@ -1521,12 +1662,19 @@ def test_chunked_full_kl_equals_the_full_logits_computation(chunk, temperature):
     tok = char_tokenizer(CHARS)
     V = len(tok)
     student, teacher = _tiny("llama", 24, 0), _tiny("qwen2", 32, 1).requires_grad_(False)
-    ro = _rollouts_for(tok, student, ["12+3=", "7=", "1+1+1="], group_size=3, max_new_tokens=9, temperature=temperature)
+
+    def sample(seed):
+        prompts = ["12+3=", "7=", "1+1+1="]
+        return _rollouts_for(tok, student, prompts, group_size=3, max_new_tokens=9, temperature=temperature, seed=seed)
+
+    def ragged(ro):
+        return len(set(ro.response_mask.sum(1).tolist())) > 1
+
+    ro = _first_sample_where(ragged, sample)  # responses of different lengths
     mask, T = ro.response_mask, ro.response_mask.shape[1]
-    assert len(set(mask.sum(1).tolist())) > 1  # ragged lengths
     B = mask.shape[0]
-    adv = torch.linspace(-1, 1, B)
-    correct = torch.arange(B) % 2 == 0
+    adv = torch.linspace(-1, 1, B, device=DEVICE)
+    correct = torch.arange(B, device=DEVICE) % 2 == 0
     cfg = kdrl.KDRLConfig.from_method("kdrl-full", group_size=3, logprob_chunk=chunk)
 
     def reference():
@@ -1575,7 +1723,7 @@ def test_no_head_call_sees_more_than_a_chunk_in_a_training_step(pair):
     tok = char_tokenizer(CHARS)
     student, teacher = _tiny("llama", 24, 0), _tiny("qwen2", 32, 1).requires_grad_(False)
     ro = _rollouts_for(tok, student, ["12+3=", "7=", "1+1+1=", "4+4="], group_size=4, max_new_tokens=9)
-    correct = torch.arange(16) % 3 == 0
+    correct = torch.arange(16, device=DEVICE) % 3 == 0
     adv = kdrl.grpo_advantages(correct.double(), 4).float()
     for method in ("kdrl-full", "kdrl"):
         rows, full_forwards = [], []
@@ -1617,7 +1765,7 @@ def test_sft_trains_only_on_ended_teacher_samples(tmp_path, method, reward, kept
     """SFT keeps the teacher samples that ended (an end token within max_new_tokens) and, unless sft-all, were
     correct: a truncated sample that the reward calls correct is not trained on. sft_kept is that fraction."""
     tok = char_tokenizer(CHARS)
-    teacher = _Scripted(tok, stop=3, width=len(tok) + 1)  # '5' until position 3, then EOS
+    teacher = _Scripted(tok, stop=3, width=len(tok) + 1).to(DEVICE)  # '5' until position 3, then EOS
     cfg = kdrl.KDRLConfig.from_method(method, out=str(tmp_path / method), steps=1, group_size=2, prompts_per_step=2,
                                       max_new_tokens=3, temperature=1.0, progress=False)
     data = [{"prompt": "1", "answer": 0}, {"prompt": "12", "answer": 0}]  # "1": 3 × '5', truncated; "12": ended
@@ -1677,7 +1825,7 @@ def test_the_update_never_reads_the_samplers_logprobs(mu):
     tok = char_tokenizer(CHARS)
     teacher = _tiny("qwen2", 32, 1).requires_grad_(False)
     ro = _rollouts_for(tok, _tiny("llama", 24, 0), ["12+3=", "7="], group_size=2, max_new_tokens=6)
-    correct = torch.tensor([True, False, False, True])
+    correct = torch.tensor([True, False, False, True], device=DEVICE)
     adv = kdrl.grpo_advantages(correct.double(), 2).float()
     weights = []
     for logprobs in (ro.logprobs, torch.full_like(ro.logprobs, float("nan"))):
@@ -1697,7 +1845,7 @@ def test_every_end_id_ends_a_response():
     with that token kept in the mask and truncated False; without it listed, the response runs on to the cap."""
     tok = char_tokenizer(CHARS)
     second = tok.convert_tokens_to_ids("#")
-    model = _Scripted(tok, stop=2, width=len(tok) + 3, end=second)
+    model = _Scripted(tok, stop=2, width=len(tok) + 3, end=second).to(DEVICE)
     model.generation_config = types.SimpleNamespace(eos_token_id=[tok.eos_token_id, second])
     assert kdrl.end_token_ids(tok, model) == sorted({tok.eos_token_id, second})
     ro = kdrl.sample_rollouts(model, tok, ["1", "12"], 1, 5, temperature=0.0)
@@ -1742,7 +1890,8 @@ def test_every_preset_runs_on_a_real_vocabulary(large_pair, tmp_path, method):
     out = tmp_path / method
     argv = ["--student", str(large_pair / "student"), "--teacher", str(large_pair / "teacher"), "--train",
             str(large_pair / "train.jsonl"), "--out", str(out), "--method", method, "--steps", "2", "--group-size", "2",
-            "--prompts-per-step", "2", "--max-new-tokens", "6", "--logprob-chunk", "4", "--no-progress"]
+            "--prompts-per-step", "2", "--max-new-tokens", "6", "--logprob-chunk", "4", "--no-progress",
+            "--device", DEVICE]
     assert kdrl.main(argv) == 0
     rows = _steps(out)
     assert [r["step"] for r in rows] == [0, 1] and all(math.isfinite(r.get("pg_loss", r.get("sft_loss"))) for r in rows)
@@ -1993,10 +2142,10 @@ def _trl_trainer(kdrl_trl, pair, tmp_path, method, **overrides):
     cfg = kdrl.KDRLConfig.from_method(method, **{**dict(
         student=str(pair / "student"), teacher=str(pair / "teacher"), train=str(pair / "train.jsonl"),
         out=str(tmp_path / method), steps=2, group_size=4, prompts_per_step=2, max_new_tokens=8, minibatch_size=8,
-        lr=1e-3, progress=False, device="cpu", temperature=0.7), **overrides})
+        lr=1e-3, progress=False, device=DEVICE, temperature=0.7), **overrides})
     tok = kdrl.load_tokenizer(cfg.student, "student")
     examples = kdrl.load_jsonl(cfg.train)
-    student = kdrl.load_model(cfg.student, torch.device("cpu"), torch.float32, "student")
+    student = kdrl.load_model(cfg.student, torch.device("cpu"), torch.float32, "student")  # TRL moves it to DEVICE
     trainer = kdrl_trl.KDRLTrainer(cfg, student, cfg.teacher, kdrl.math_reward, examples,
                                    args=kdrl_trl.grpo_config(cfg, 1), train_dataset=kdrl_trl.dataset_for(tok, examples),
                                    processing_class=tok, rollout_func=_fixed_rollouts)
@@ -2006,10 +2155,11 @@ def _trl_trainer(kdrl_trl, pair, tmp_path, method, **overrides):
 @pytest.mark.parametrize("method", TRL_METHODS)
 def test_trl_loss_and_gradient_equal_kdrl(kdrl_trl, pair, tmp_path, method, monkeypatch):
     """The subclass's whole path (rewards, advantages, KD masks, teacher log-probs, the loss) against kdrl.py's own
-    functions on the same completions: equal rewards and advantages, and equal loss and gradient in float32, with
-    μ = 2 (old log-probs ≠ current), a vLLM-style importance weight, and β at the annealing's kdrl step."""
+    functions on the same completions: equal rewards and advantages, and equal loss and gradient in float32 (on a GPU
+    too: dtype float32, no bfloat16 autocast), with μ = 2 (old log-probs ≠ current), a vLLM-style importance weight,
+    and β at the annealing's kdrl step."""
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
-    overrides = dict(mu=2, kd_mask="group") if method == "kdrl-mask" else dict(mu=2)
+    overrides = dict(mu=2, kd_mask="group", dtype="float32") if method == "kdrl-mask" else dict(mu=2, dtype="float32")
     if method == "kdrl-seq":
         overrides["kd_baseline"] = "none"  # the leave-one-out baseline needs whole groups: refused in TRL
     trainer, cfg, tok, examples = _trl_trainer(kdrl_trl, pair, tmp_path, method, **overrides)
@@ -2023,25 +2173,29 @@ def test_trl_loss_and_gradient_equal_kdrl(kdrl_trl, pair, tmp_path, method, monk
     g = torch.Generator().manual_seed(0)
     # kdrl.py's own pipeline on the same completions
     truncated = ~(batch["completion_ids"] == tok.eos_token_id).any(1)
-    ro = kdrl.Rollouts(ids, attn, mask, torch.zeros(B, T), truncated)
+    ro = kdrl.Rollouts(ids, attn, mask, torch.zeros(B, T, device=DEVICE), truncated)
     rewards, correct = kdrl.score_completions(kdrl.math_reward, [examples[i] for i in index], kdrl.decode(tok, ro), G)
+    rewards, correct = rewards.to(DEVICE), correct.to(DEVICE)
     prompts = [examples[i]["prompt"] for i in index for _ in range(G)]
     assert 0 < correct.sum() < B and (
         mask.sum(1).tolist() == [len(c) for c in _fixed_rollouts(prompts, trainer)["completion_ids"]]
     )
-    adv = kdrl.grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps) if cfg.use_reward else torch.zeros(B)
+    adv = torch.zeros(B, device=DEVICE)
+    if cfg.use_reward:
+        adv = kdrl.grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps)
     torch.testing.assert_close(batch["advantages"], adv, rtol=0, atol=0)
     assert torch.equal(batch["kd_keep"], kdrl.kd_response_mask(correct, cfg.kd_mask, G))
     V, temp = len(tok), cfg.temperature
-    teacher = AutoModelForCausalLM.from_pretrained(pair / "teacher").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(pair / "teacher").eval().to(DEVICE)
     with torch.no_grad():
         teacher_logp = kdrl.token_logprobs(teacher, ids, attn, mask, temperature=temp, vocab_size=V)
     if trainer.needs_teacher:
         torch.testing.assert_close(batch["teacher_logps"], teacher_logp)
-    reference = AutoModelForCausalLM.from_pretrained(pair / "student").eval()
+    reference = AutoModelForCausalLM.from_pretrained(pair / "student").eval().to(DEVICE)
     logp = kdrl.token_logprobs(reference, ids, attn, mask, temperature=temp, vocab_size=V)
-    old = torch.where(mask, logp.detach() + 0.3 * (torch.rand(B, T, generator=g) - 0.5), 0.0)
-    weight = torch.exp(0.2 * (torch.rand(B, T, generator=g) - 0.5))
+    noise = torch.rand(B, T, generator=g).to(DEVICE)  # (B, T), drawn on CPU: the same numbers on every device
+    old = torch.where(mask, logp.detach() + 0.3 * (noise - 0.5), 0.0)
+    weight = torch.exp(0.2 * (torch.rand(B, T, generator=g).to(DEVICE) - 0.5))
     trainer.state.global_step = 3  # μ = 2: kdrl step 1
     beta = kdrl.beta_schedule(1, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
     loss_ref, _ = kdrl.kdrl_loss(logp, old, teacher_logp, adv, mask, correct, cfg, beta, num_tokens=mask.sum().item(),
@@ -2061,19 +2215,22 @@ def test_trl_loss_and_gradient_equal_kdrl(kdrl_trl, pair, tmp_path, method, monk
 
 
 def _trl_argv(root: Path, out: Path, *extra):
+    """_argv pinned to CPU, for the tests of refusals and of 2 processes over gloo, which run on CPU anywhere."""
     return [*_argv(root, out, *extra), "--device", "cpu"]
 
 
 @pytest.mark.parametrize("method", ["grpo", "kdrl", "kdrl-mask", "kdrl-seq", "rlad"])
 def test_trl_two_real_steps(kdrl_trl, pair, tmp_path, method, capsys):
-    """Two steps through TRL with its own sampler; one metrics line per step; a checkpoint plain transformers loads."""
+    """Two steps through TRL with its own sampler, on DEVICE (a GPU: TRL's bf16 mixed precision, from dtype auto); one
+    metrics line per step; a checkpoint plain transformers loads."""
     out = tmp_path / method
     seq = ("--kd-baseline", "none") if method == "kdrl-seq" else ()
-    assert kdrl_trl.main(_trl_argv(pair, out, "--method", method, *seq)) == 0
+    assert kdrl_trl.main(_argv(pair, out, "--method", method, *seq)) == 0
     assert "tokens/s" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
-    assert {"pg_loss", "kd_loss", "kl_k1", "clip_frac", "ratio", "kd_frac", "beta", "reward"} <= set(rows[0])
+    assert {"pg_loss", "clip_frac", "ratio", "kd_frac", "beta", "reward"} <= set(rows[0])
+    assert ({"kd_loss", "kl_k1"} <= set(rows[0])) == (method != "grpo")  # grpo scores no teacher: no KL metrics
     assert rows[0]["beta"] == kdrl.METHODS[method].get("beta", kdrl.KDRLConfig.beta)
     saved = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
     assert json.loads((out / "checkpoint" / "kdrl_config.json").read_text())["method"] == method
@@ -2108,6 +2265,58 @@ def test_trl_refuses_bad_input_like_kdrl(kdrl_trl, pair, tmp_path, capsys):
     assert not (out / "checkpoint").exists()
     with pytest.raises(kdrl.KDRLError, match="9 responses do not split over 2 processes"):
         kdrl_trl.grpo_config(kdrl.KDRLConfig(prompts_per_step=3, group_size=3), 2)
+
+
+class _RecordingTrainer:
+    """GRPOTrainer or KDRLTrainer as bench_trl sees it, with no model call: each of args.max_steps steps calls the
+    callbacks as Trainer does, and every mean completion length is 5."""
+
+    def __init__(self, *positional, args, callbacks, **kwargs):
+        self.args, self.callbacks = args, list(callbacks)
+        self._metrics = {"train": {"completions/mean_length": [5.0]}}
+
+    def add_callback(self, callback):
+        self.callbacks.append(callback)
+
+    def train(self):
+        for _ in range(self.args.max_steps):
+            for hook in ("on_step_begin", "on_step_end"):
+                for callback in self.callbacks:
+                    getattr(callback, hook)(self.args, None, None)
+
+
+def test_bench_trl_runs_trl_and_kdrl_on_one_device_and_dtype(kdrl_trl, pair, monkeypatch, capsys):
+    """bench_trl compares like with like: the three TRL runs and kdrl.py's bench() get the same device and dtype,
+    the one its first line names. Seen from a CUDA machine (torch.cuda stubbed, the trainers and bench() recorded),
+    where "auto" is cuda and bfloat16 autocast: the TRL runs used to be pinned to CPU while bench() took the GPU."""
+    import trl
+
+    import train_tiny
+
+    trl_sides, kdrl_side = [], []
+
+    def recording_grpo_config(cfg, processes, **options):
+        trl_sides.append((cfg.device, cfg.dtype))
+        return types.SimpleNamespace(max_steps=cfg.steps * cfg.mu)
+
+    def recording_bench(model_dir, steps, warmup, device="auto", dtype="auto"):
+        kdrl_side.append((device, dtype))
+        return ["bench kdrl ..."]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args, **kwargs: 3 * 2**20)
+    monkeypatch.setattr(kdrl_trl, "grpo_config", recording_grpo_config)
+    monkeypatch.setattr(kdrl_trl, "KDRLTrainer", _RecordingTrainer)
+    monkeypatch.setattr(trl, "GRPOTrainer", _RecordingTrainer)
+    monkeypatch.setattr(train_tiny, "bench", recording_bench)
+    lines = train_tiny.bench_trl(str(pair / "student"), steps=2, warmup=1)
+    assert trl_sides == [("cuda", "auto")] * 3 and kdrl_side == [("cuda", "auto")]
+    printed = capsys.readouterr().out
+    assert "all on cuda, bfloat16 autocast over float32 weights" in printed.splitlines()[0]
+    assert [line.split()[1] for line in lines] == ["trl-grpo", "kdrl_trl-grpo", "kdrl_trl-kdrl", "kdrl"]
+    assert all(line.endswith("mean_len=5.0 peak_mib=3") for line in lines[:3]), lines
 
 
 _DDP_DRIVER = """
@@ -2149,6 +2358,15 @@ def test_trl_two_processes_equal_one(kdrl_trl, pair, tmp_path):
         assert all(torch.equal(b[k], c[k]) for k in b)
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-7, msg=k)
+        # The logged metrics too: the 2-process pg_loss and kd_loss are the 1-process (full-batch) ones, and TRL's
+        # own loss is pg_loss + β·kd_loss (kdrl-seq's KD is a reward, inside pg_loss)
+        rows = [json.loads((out / "metrics.jsonl").read_text()) for out in (one, two)]
+        assert rows[0]["kd_loss"] > 1e-3
+        for key in ("pg_loss", "kd_loss"):
+            assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-6, abs=1e-7), (key, rows)
+        for row in rows:
+            kd_term = row["beta"] * row["kd_loss"] if method == "kdrl" else 0.0
+            assert row["loss"] == pytest.approx(row["pg_loss"] + kd_term, rel=1e-6, abs=1e-7), row
 
 
 def test_readme_maps_every_config_field_to_trl(kdrl_trl):

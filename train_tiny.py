@@ -3,6 +3,7 @@ train_tiny.py: the KDRL comparison on tiny models, from scratch, with no downloa
 
     python train_tiny.py                   # cpu preset without a GPU (2 seeds, about 8 min on 2 cores), else gpu
     python train_tiny.py --preset smoke    # about 10 s, tiny everything: checks the plumbing, not the methods
+    python train_tiny.py --check-gpu       # on a GPU: the tests on it, the smoke preset and the bench, in one go
 
 Task: 2-digit addition worked column by column with carries, e.g. `95+98=` → `5+8=13|9+9+1=19|#### 193`,
 scored by kdrl.math_reward (the last `#### x`).
@@ -47,9 +48,12 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -532,17 +536,35 @@ def _kl_curve(run: Path, window: int = 10) -> list[float]:
 # --bench: the speed anchor. GRPO and KDRL steps of kdrl.train in the setting TRL's GRPOTrainer was timed in.
 
 
-def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list[str]:
+def _device_label(device: torch.device) -> str:
+    """A bench header's device: the GPU's name, or the CPU's thread count."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _dtype_label(dtype: str, device: torch.device) -> str:
+    """A bench header's dtype: what cfg.dtype resolves to on `device` (kdrl._compute_dtype)."""
+    if kdrl._compute_dtype(dtype, device) == torch.bfloat16:
+        return "bfloat16 autocast over float32 weights"
+    return "float32"
+
+
+def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2, device: str = "auto",
+          dtype: str = "auto") -> list[str]:
     """Time kdrl.train's GRPO and KDRL steps: a tiny Llama (6 layers, hidden 256) as student *and* teacher,
-    8 addition prompts × 8 samples, ≤ 48 new tokens at temperature 1, μ = 1, fp32, 2 threads on CPU. Prints the
-    median step after `warmup` steps, its breakdown, non-pad tokens/s, and one `bench ...` line per method."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
+    8 addition prompts × 8 samples, ≤ 48 new tokens at temperature 1, μ = 1, on `device` ("auto": CUDA when
+    available; CPU with 2 threads) in kdrl's compute dtype there (dtype "auto": bfloat16 autocast over float32 weights
+    on CUDA, float32 on CPU), both named in the first line. Prints the median step after `warmup` steps, its
+    breakdown, non-pad tokens/s, and one `bench ...` line per method; on CUDA the line ends with peak_mib, the most
+    memory allocated during that method's run (torch.cuda.max_memory_allocated)."""
+    device = kdrl.resolve_device(device)
+    if device.type == "cpu":
         torch.set_num_threads(2)
     tok, model = bench_model(model_dir)
     model = model.to(device).eval()
     n_params = sum(param.numel() for param in model.parameters())
-    print(f"bench: {n_params:,} parameters on {device}, {torch.get_num_threads()} threads")
+    print(f"bench: {n_params:,} parameters on {_device_label(device)}, {_dtype_label(dtype, device)}")
     data = random_additions(8 * (steps + warmup))
 
     def median(rows: list[dict], key: str) -> float:
@@ -554,8 +576,11 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list
         out = Path(tempfile.mkdtemp(prefix=f"kdrl-bench-{method}-"))
         cfg = kdrl.KDRLConfig.from_method(method, steps=steps + warmup, group_size=8, prompts_per_step=8,
                                           max_new_tokens=48, temperature=1.0, mu=1, minibatch_size=64, lr=1e-6,
-                                          out=str(out), progress=False)
+                                          out=str(out), progress=False, device=device.type, dtype=dtype)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         kdrl.train(cfg, student, model, tok, data, kdrl.math_reward)
+        peak = f" peak_mib={torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else ""
         logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         rows = [row for row in logged if not row.get("eval")][warmup:]  # the timed steps
         shutil.rmtree(out, ignore_errors=True)
@@ -566,22 +591,30 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list
             f"bench {method} median_step_s={statistics.median(step_s):.2f}"
             f" sampling_s={median(rows, 'time_sampling'):.2f} teacher_s={median(rows, 'time_teacher'):.2f}"
             f" update_s={median(rows, 'time_update'):.2f} tokens_per_s={tokens_per_s:.0f} mean_len={mean_len:.1f}"
+            + peak
         )
     print("\n".join(lines))
     return lines
 
 
-def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> list[str]:
+def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2, device: str = "auto",
+              dtype: str = "auto") -> list[str]:
     """The same setting through TRL (needs requirements-trl.txt): TRL's plain GRPOTrainer at β = 0, then
     kdrl_trl.KDRLTrainer with --method grpo and --method kdrl (the anchor model as its own teacher), each with TRL's
-    sampler, one optimizer step per batch of 64, no gradient checkpointing. Then kdrl.py's own bench in the same run."""
+    sampler, one optimizer step per batch of 64, no gradient checkpointing. Then kdrl.py's own bench() in the same
+    run. Every run is on one device in one dtype, named in the first line: `device` ("auto": CUDA when available;
+    CPU with 2 threads) and dtype "auto", which is bfloat16 autocast over float32 weights on CUDA (TRL's bf16 mixed
+    precision, kdrl's autocast) and float32 on CPU. On CUDA each line ends with the run's peak allocated memory."""
     from trl import GRPOTrainer
 
     import kdrl_trl
 
-    torch.set_num_threads(2)
+    device = kdrl.resolve_device(device)
+    if device.type == "cpu":
+        torch.set_num_threads(2)
     tok, model = bench_model(model_dir)
     data = random_additions(64)
+    print(f"bench-trl: TRL's GRPOTrainer, kdrl_trl and kdrl.py, all on {device.type}, {_dtype_label(dtype, device)}")
 
     def math_reward_trl(prompts, completions, kdrl_index, **kwargs):
         """TRL's reward-function signature: one reward per completion; kdrl_index is the dataset column."""
@@ -594,10 +627,11 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> 
     for name, method in (("trl-grpo", "grpo"), ("kdrl_trl-grpo", "grpo"), ("kdrl_trl-kdrl", "kdrl")):
         out = Path(tempfile.mkdtemp(prefix=f"kdrl-bench-{name}-"))
         setting = dict(method=method, steps=steps + warmup, group_size=8, prompts_per_step=8, max_new_tokens=48,
-                       temperature=1.0, mu=1, minibatch_size=64, lr=1e-6, out=str(out), progress=False, device="cpu")
+                       temperature=1.0, mu=1, minibatch_size=64, lr=1e-6, out=str(out), progress=False,
+                       device=device.type, dtype=dtype)
         cfg = kdrl.KDRLConfig.from_method(**setting)
-        args = kdrl_trl.grpo_config(cfg, 1, use_vllm=False)
-        timer = _StepTimes()
+        args = kdrl_trl.grpo_config(cfg, 1, use_vllm=False)  # use_cpu and bf16 from cfg.device and cfg.dtype
+        timer = _StepTimes(device)
         common = dict(args=args, train_dataset=kdrl_trl.dataset_for(tok, data), processing_class=tok, callbacks=[timer])
         if name == "trl-grpo":
             trainer = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=[math_reward_trl], **common)
@@ -606,29 +640,40 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2) -> 
                                            **common)
         lengths = []
         trainer.add_callback(_MeanLength(trainer, lengths))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         trainer.train()
+        peak = f" peak_mib={torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else ""
         shutil.rmtree(out, ignore_errors=True)
         phase_totals = getattr(trainer, "kdrl_timer", {})  # kdrl_trl's breakdown, summed over all steps
         phases = ("sampling", "teacher", "update")
         mean_per_step = {phase: phase_totals.get(phase, 0.0) / (steps + warmup) for phase in phases}
         breakdown = " ".join(f"{phase}_s={seconds:.2f}" for phase, seconds in mean_per_step.items())
         lines.append(f"bench {name} median_step_s={statistics.median(timer.times[warmup:]):.2f} {breakdown}"
-                     f" mean_len={statistics.mean(lengths[warmup:steps + warmup]):.1f}")
+                     f" mean_len={statistics.mean(lengths[warmup:steps + warmup]):.1f}{peak}")
         print(lines[-1], flush=True)
-    return lines + bench(model_dir, steps, warmup)
+    return lines + bench(model_dir, steps, warmup, device=device.type, dtype=dtype)
 
 
 class _StepTimes(TrainerCallback):
-    """bench_trl: the wall time of each optimizer step."""
+    """bench_trl: the wall time of each optimizer step. On CUDA it waits for the queued kernels at both ends, so a
+    step's time is its own (kernels run asynchronously: without the wait it would be the time to queue them)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.times = []
         self.start = 0.0
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
         self.times.append(time.perf_counter() - self.start)
 
 
@@ -770,8 +815,10 @@ def bench_memory(sizes=((16, 64), (64, 512)), methods=("kdrl", "kdrl-full")) -> 
     """Peak memory and time of one teacher pass + update step, kdrl vs kdrl-full, on the real-vocabulary pair
     (151,665 tokens; logits 151,936 / 152,064 wide), each in a fresh process. Prints one `memory ...` line per case:
     peak (resident on CPU, allocated on CUDA) over the step, what was resident before it, and what a (B, T, V)
-    float32 logits tensor alone would take."""
+    float32 logits tensor alone would take. A case whose process dies before reporting (out of memory) gets a
+    `memory ... failed` line with its exit code, and the next case runs."""
     import multiprocessing
+    from queue import Empty
 
     pair = Path(tempfile.mkdtemp(prefix="kdrl-large-vocab-"))
     save_large_vocab_pair(pair, hidden_size=64, layers=2)
@@ -784,8 +831,22 @@ def bench_memory(sizes=((16, 64), (64, 512)), methods=("kdrl", "kdrl-full")) -> 
             queue = ctx.Queue()
             proc = ctx.Process(target=_memory_case, args=(str(pair), method, batch, length, queue))
             proc.start()
-            peak, before, t_teacher, t_update = queue.get()
+            result = None
+            while result is None:  # a bare queue.get() would wait forever on a child the OOM killer took
+                try:
+                    result = queue.get(timeout=1.0)
+                except Empty:
+                    if not proc.is_alive():  # dead: one last look for a result it sent just before exiting
+                        with contextlib.suppress(Empty):
+                            result = queue.get(timeout=1.0)
+                        break
             proc.join()
+            if result is None:
+                lines.append(f"memory {method} B={batch} T={length} failed: its process exited with code "
+                             f"{proc.exitcode} before reporting (-9: killed, e.g. out of memory)")
+                print(lines[-1], flush=True)
+                continue
+            peak, before, t_teacher, t_update = result
             logits_mib = batch * length * LARGE_VOCAB * 4 / 2**20
             lines.append(f"memory {method} B={batch} T={length} peak_mib={peak:.0f} before_mib={before:.0f} "
                          f"teacher_s={t_teacher:.2f} update_s={t_update:.2f} one_BTV_float32_mib={logits_mib:.0f}")
@@ -890,6 +951,66 @@ def run_demo(p: Preset, preset: str, arms: list[str], out: Path, device) -> dict
 
 
 # -----------------------------------------------------------------------------
+# --check-gpu: the first run on a GPU, in one command.
+
+
+def check_gpu(pytest_args: tuple = ()) -> dict:
+    """Check this machine's GPU end to end: the test suite on it (KDRL_TEST_DEVICE=cuda python -m pytest -q
+    *pytest_args), `train_tiny.py --preset smoke`, and the bench (`--bench`), each on CUDA in its own process, their
+    output shown as it comes. Prints the GPU, the torch and transformers versions, and a closing summary: each part's
+    outcome and time, the tests' count, the bench's step times and peak memory. Returns {"ok": every part passed,
+    "parts": {name: {"ok", "seconds", "summary"}}}. Raises KDRLError without CUDA."""
+    import transformers
+
+    if not torch.cuda.is_available():
+        raise kdrl.KDRLError(f"--check-gpu needs a CUDA GPU, and torch {torch.__version__} (built for CUDA "
+                             f"{torch.version.cuda}) sees none; on CPU the checks are `python -m pytest -q` and "
+                             "`python train_tiny.py --preset smoke`")
+    repo = Path(__file__).resolve().parent
+    header = (f"check-gpu: {torch.cuda.get_device_name(0)} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
+              f"transformers {transformers.__version__}")
+    print(header, flush=True)
+    scratch = Path(tempfile.mkdtemp(prefix="kdrl-check-gpu-"))
+    script = [sys.executable, str(repo / "train_tiny.py")]
+    commands = dict(
+        tests=[sys.executable, "-m", "pytest", "-q", *pytest_args],
+        smoke=[*script, "--preset", "smoke", "--device", "cuda", "--out", str(scratch / "smoke")],
+        bench=[*script, "--bench", "--device", "cuda"],
+    )
+    env = {**os.environ, "KDRL_TEST_DEVICE": "cuda"}  # read by the tests only
+    t0 = time.time()
+    parts = {}
+    for name, command in commands.items():
+        print(f"\n--- {name}: {' '.join(command[1:])}", flush=True)
+        parts[name] = _run_part(command, repo, env)
+    shutil.rmtree(scratch, ignore_errors=True)
+    print(f"\n{header}")
+    for name, part in parts.items():
+        print(f"  {name:<6} {'ok' if part['ok'] else 'FAILED':<6} {part['seconds']:6.0f} s | {part['summary']}")
+    ok = all(part["ok"] for part in parts.values())
+    failed = ", ".join(name for name, part in parts.items() if not part["ok"])
+    print(f"check-gpu: {'all passed' if ok else 'FAILED: ' + failed} in {time.time() - t0:.0f} s", flush=True)
+    return dict(ok=ok, parts=parts)
+
+
+def _run_part(command: list[str], cwd: Path, env: dict) -> dict:
+    """Run one part of check_gpu, echoing its output line by line. summary: the bench's lines, the demo's results
+    heading (preset, device, time), or else the last line printed (pytest's count)."""
+    t0 = time.time()
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        lines = []
+        for raw in proc.stdout:  # bytes, split at \n only: a progress bar's \r updates stay on one line
+            text = raw.decode(errors="replace")
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            lines.append(text.split("\r")[-1].rstrip())  # what the line shows once its \r updates are drawn
+    printed = [line for line in lines if line.strip()]
+    picked = [line for line in printed if line.startswith(("bench ", "bench:", "# Results: "))]
+    summary = " | ".join(picked) if picked else (printed[-1] if printed else "(no output)")
+    return dict(ok=proc.returncode == 0, seconds=time.time() - t0, summary=summary)
+
+
+# -----------------------------------------------------------------------------
 # Main.
 
 
@@ -897,7 +1018,7 @@ def main(argv=None) -> dict:
     arm_names = [*kdrl.METHODS, *BETA_ARMS]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default=None,
-                        help="default: gpu if CUDA is available, else cpu")
+                        help="default: gpu on CUDA (see --device), else cpu")
     parser.add_argument("--out", default="runs/tiny", help="output directory (the teacher cache lives in <out>/cache)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's)")
     parser.add_argument("--methods", default=None,
@@ -917,24 +1038,40 @@ def main(argv=None) -> dict:
                              "(bench_memory)")
     parser.add_argument("--save-pair", metavar="DIR", default=None,
                         help="save a tiny random student/teacher pair and train.jsonl to DIR, then exit")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="device of the demo, --lr-grid, --bench and --bench-trl (default: auto, cuda when "
+                             "available)")
+    parser.add_argument("--check-gpu", action="store_true",
+                        help="check a CUDA GPU end to end, a few minutes: the tests on it, --preset smoke and --bench "
+                             "(check_gpu)")
     args = parser.parse_args(argv)
     if args.save_pair:
         return save_pair(Path(args.save_pair)) or {}
+    try:
+        if args.check_gpu:
+            result = check_gpu()
+            if not result["ok"]:
+                raise SystemExit(1)
+            return result
+        device = kdrl.resolve_device(args.device)
+    except kdrl.KDRLError as e:
+        parser.error(str(e))
     if args.bench_trl:
-        return dict(bench=bench_trl(args.bench_model))
+        return dict(bench=bench_trl(args.bench_model, device=device.type))
     if args.bench_memory:
         return dict(bench=bench_memory())
     if args.bench:
-        return dict(bench=bench(args.bench_model))
+        return dict(bench=bench(args.bench_model, device=device.type))
     if args.preset is None:
-        args.preset = "gpu" if torch.cuda.is_available() else "cpu"
+        args.preset = "gpu" if device.type == "cuda" else "cpu"
         if args.preset == "gpu":
             print("GPU found: using the gpu preset")
+        elif torch.cuda.is_available():
+            print("--device cpu: using the cpu preset (--preset gpu/smoke to override)")
         else:
             print("no GPU found: using the cpu preset (--preset gpu/smoke to override)")
     p = PRESETS[args.preset]
     p = replace(p, seeds=args.seeds or p.seeds)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.lr_grid:
