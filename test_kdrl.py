@@ -11,29 +11,22 @@ Llama and Qwen2 models and a character tokenizer built in code and saved to temp
 Nothing is downloaded. They run on CPU, or on a GPU with `KDRL_TEST_DEVICE=cuda python -m pytest -q` (the few
 that only mean something on CPU say why they skip there).
 """
-import copy
 import dataclasses
 import functools
-import io
 import itertools
-import json
 import math
 import os
-import re
-import shutil
-import subprocess
-import sys
 import types
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import kdrl
+import train
 from train_tiny import char_tokenizer
 
 
@@ -48,7 +41,7 @@ def _test_device(name: str) -> str:
     return name
 
 
-# The device of the model-facing tests (sampling, log-probs, the loop, resume, the demo, kdrl_trl in one process);
+# The device of the model-facing tests (sampling, log-probs, the loop, resume, the demo, train_trl in one process);
 # the pure math runs on CPU whatever it is, in float64.
 DEVICE = _test_device(os.environ.get("KDRL_TEST_DEVICE", "cpu"))
 if DEVICE == "cuda":
@@ -1076,7 +1069,6 @@ def test_sft_loss_is_token_mean_nll_of_kept():
 
 CHARS = "0123456789+=#| "
 
-
 def _tiny(kind: str, vocab_size: int, seed: int):
     """A random tiny causal LM whose logit width vocab_size pads past the tokenizer's length, on DEVICE."""
     torch.manual_seed(seed)
@@ -1086,33 +1078,6 @@ def _tiny(kind: str, vocab_size: int, seed: int):
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(**common)).eval().to(DEVICE)
     return Qwen2ForCausalLM(Qwen2Config(**common)).eval().to(DEVICE)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """Saved student (Llama, logits padded to 24) and teacher (Qwen2, padded to 32), one tokenizer, data."""
-    root = tmp_path_factory.mktemp("pair")
-    tok = char_tokenizer(CHARS)
-    for name, kind, width, seed in (("student", "llama", 24, 0), ("teacher", "qwen2", 32, 1)):
-        _tiny(kind, width, seed).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    rows = [{"prompt": f"{a}+{b}=", "answer": a + b} for a in range(1, 9) for b in range(1, 4)]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
-def _argv(root: Path, out: Path, *extra):
-    return ["--student", str(root / "student"), "--teacher", str(root / "teacher"),
-            "--train", str(root / "train.jsonl"), "--out", str(out),
-            "--steps", "2", "--group-size", "4", "--prompts-per-step", "2", "--max-new-tokens", "8",
-            "--minibatch-size", "4", "--lr", "1e-3", "--no-progress", "--device", DEVICE, *extra]
-
-
-def _steps(out: Path) -> list[dict]:
-    """The per-step metric rows, wall times left out (they are the only thing allowed to differ)."""
-    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if not r.get("eval")]
-    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
-
 
 def test_test_device_is_validated():
     """KDRL_TEST_DEVICE is "cpu" or "cuda"; anything else, or "cuda" on a machine without CUDA, stops the run at
@@ -1125,201 +1090,6 @@ def test_test_device_is_validated():
     else:
         with pytest.raises(RuntimeError, match="KDRL_TEST_DEVICE=cuda, but torch .* sees no CUDA device"):
             _test_device("cuda")
-
-
-# --- presets and the CLI ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("method", list(kdrl.METHODS))
-def test_every_preset_trains(pair, tmp_path, method):
-    """Each preset runs 2 steps end to end through main(argv), logs every step and saves a checkpoint."""
-    out = tmp_path / method
-    argv = _argv(pair, out, "--method", method, "--mu", "2", "--eval", str(pair / "train.jsonl"), "--eval-limit", "4")
-    assert kdrl.main(argv) == 0
-    rows = _steps(out)
-    assert [r["step"] for r in rows] == [0, 1]
-    sft = method.startswith("sft")
-    method_keys = {"sft_loss", "sft_kept"} if sft else {"pg_loss", "entropy", "clip_frac", "ratio", "kd_frac"}
-    keys = {"grad_norm", "beta", "reward", "acc", "length", "truncated"} | method_keys
-    teacher_keys = {"kd_loss", "kl_k1", "kl_k3"}  # logged only when the teacher was scored
-    assert keys <= set(rows[0])
-    no_teacher = method == "grpo" or sft
-    assert (teacher_keys <= set(rows[0])) == (not no_teacher) and (teacher_keys & set(rows[0]) == set()) == no_teacher
-    assert json.loads((out / "config.json").read_text())["method"] == method
-    assert (out / "checkpoint" / "trainer_state.pt").exists()
-    assert AutoModelForCausalLM.from_pretrained(out / "checkpoint") is not None
-
-
-def test_gradient_checkpointing_is_active_and_changes_nothing(pair, tmp_path):
-    """--gradient-checkpointing really checkpoints (HF only does so in train mode, so the update runs in train
-    mode with dropout zeroed) and trains to the same weights as without it (float32, so the tolerance holds on a GPU
-    too)."""
-    tok = char_tokenizer(CHARS)
-    data = [{"prompt": f"{a}+1=", "answer": a + 1} for a in range(8)]
-    weights, modes = [], []
-    for gc in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(pair / "student").to(DEVICE)
-        if gc:
-            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-        layer = model.model.layers[0]
-
-        def record_mode(module, args, kwargs, gc=gc):  # gc bound now, not looked up when the hook runs
-            modes.append((gc, module.training, torch.is_grad_enabled()))
-
-        hook = layer.register_forward_pre_hook(record_mode, with_kwargs=True)
-        cfg = kdrl.KDRLConfig(out=str(tmp_path / str(gc)), steps=2, group_size=2, prompts_per_step=2, max_new_tokens=6,
-                              lr=1e-2, progress=False, dtype="float32")
-        kdrl.train(cfg, model, _tiny("qwen2", 32, 1), tok, data, kdrl.math_reward)
-        hook.remove()
-        weights.append(model.state_dict())
-    # the update's forwards
-    assert {(gc, training) for gc, training, grad in modes if grad} == {(False, False), (True, True)}
-    assert all(not training for gc, training, grad in modes if not grad)  # sampling and scoring: eval mode
-    for k in weights[0]:
-        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=1e-6)
-
-
-def test_bfloat16_autocast_keeps_float32_master_weights(pair, tmp_path):
-    """--dtype bfloat16 runs the forward passes under autocast; the student's weights and AdamW state stay float32."""
-    out = tmp_path / "bf16"
-    assert kdrl.main(_argv(pair, out, "--dtype", "bfloat16")) == 0
-    saved = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
-    assert all(p.dtype == torch.float32 for p in saved.parameters())
-    rows = _steps(out)
-    assert len(rows) == 2 and all(math.isfinite(r["pg_loss"]) and math.isfinite(r["kd_loss"]) for r in rows)
-
-
-def test_presets_and_flags_map_onto_config():
-    """Every flag is a KDRLConfig field and back; explicit flags override the preset, the preset the defaults."""
-    parser = kdrl.build_parser()
-    dests = {a.dest for a in parser._actions if a.dest != "help"}
-    assert dests == {f.name for f in kdrl.dataclasses.fields(kdrl.KDRLConfig)}
-    assert all("default:" in a.help for a in parser._actions if a.dest != "help")
-    cfg = kdrl.config_from_args(["--method", "kdrl-anneal", "--beta-min", "2e-3"])
-    assert (cfg.beta, cfg.beta_min, cfg.beta_decay_steps) == (5e-3, 2e-3, 80)
-    assert kdrl.config_from_args(["--method", "rlad"]).trrd_alpha == 0.5
-    for name, overrides in kdrl.METHODS.items():
-        kdrl.validate_config(kdrl.KDRLConfig(method=name, **overrides))
-
-
-def test_cli_subprocess(pair, tmp_path):
-    """One real interpreter run of the documented command."""
-    out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "kdrl.py", *_argv(pair, out, "--method", "kdrl")], capture_output=True,
-                       text=True, cwd=Path(__file__).parent)
-    assert r.returncode == 0, r.stderr
-    assert "tokens/s" in r.stdout and len(_steps(out)) == 2
-
-
-def test_resume_is_exact(pair, tmp_path):
-    """k steps, then --resume for k more, equals 2k uninterrupted steps: metrics and weights bit for bit (on one
-    device: on a GPU in its default bfloat16 autocast, deterministic kernels on)."""
-    flags = ("--method", "kdrl", "--seed", "3", "--mu", "2", "--minibatch-size", "4")
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert kdrl.main(_argv(pair, a, *flags, "--steps", "4")) == 0
-    assert kdrl.main(_argv(pair, b, *flags, "--steps", "2")) == 0
-    assert kdrl.main(_argv(pair, b, *flags, "--steps", "4", "--resume")) == 0
-    assert _steps(a) == _steps(b) and len(_steps(a)) == 4
-    wa, wb = (AutoModelForCausalLM.from_pretrained(d / "checkpoint").state_dict() for d in (a, b))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    # and the run really trained: the weights moved away from the initial student
-    w0 = AutoModelForCausalLM.from_pretrained(pair / "student").state_dict()
-    assert not all(torch.equal(w0[k], wa[k]) for k in w0)
-
-
-def test_the_loop_learns_grpo_reward_and_kd_teacher(tmp_path):
-    """End-to-end sign check of the loop (advantages aligned with their responses, loss signs): on a reward
-    a random model can find (completion starts with '7'), GRPO raises the training accuracy from ~5% to over
-    40% in 30 steps; and on-policy KD toward a different model lowers the KL to it by over half. Seeded and
-    deterministic; a GPU draws other samples, and the margins are wide (observed on CPU: 77% accuracy, KL well below
-    half)."""
-    tok = char_tokenizer(CHARS)
-    student, teacher = _tiny("llama", len(tok), 0), _tiny("llama", len(tok), 5)
-    data = [{"prompt": f"{a}+{a}=", "answer": "7"} for a in range(10)]
-    common = dict(steps=30, group_size=8, prompts_per_step=8, max_new_tokens=6, lr=3e-3, progress=False)
-    cfg = kdrl.KDRLConfig.from_method("grpo", **common, out=str(tmp_path / "grpo"))
-    kdrl.train(cfg, copy.deepcopy(student), teacher, tok, data, lambda p, c, ex: float(c.startswith("7")))
-    acc = [r["acc"] for r in _steps(tmp_path / "grpo")]
-    assert sum(acc[:3]) / 3 < 0.15 and sum(acc[-3:]) / 3 > 0.4
-    cfg = kdrl.KDRLConfig.from_method("kd", **common, out=str(tmp_path / "kd"))
-    kdrl.train(cfg, copy.deepcopy(student), teacher, tok, data, kdrl.math_reward)
-    kl = [r["kl_k3"] for r in _steps(tmp_path / "kd")]
-    assert sum(kl[-3:]) < 0.5 * sum(kl[:3])
-
-
-# --- bad input -------------------------------------------------------------------------------------
-
-
-def _fails(argv, capsys, *needles):
-    assert kdrl.main(argv) == 1
-    err = capsys.readouterr().err
-    for n in needles:
-        assert n in err, err
-    return err
-
-
-def test_bad_inputs(pair, tmp_path, capsys):
-    """Each bad input: a clear error naming the problem, exit code 1, no checkpoint written."""
-    out = tmp_path / "o"
-    _fails(_argv(pair, out, "--train", str(tmp_path / "nope.jsonl")), capsys, "nope.jsonl", "no such file")
-    _fails(_argv(pair, out, "--student", str(tmp_path / "nomodel")), capsys, "--student", "no such directory")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "1+1=", "answer": 2}\n{"prompt": "2+2=", "answer": 4\n')
-    _fails(_argv(pair, out, "--train", str(bad)), capsys, "bad.jsonl, line 2", "malformed JSON")
-    bad.write_text('{"prompt": "1+1=", "answer": 2}\n{"question": "2+2="}\n')
-    _fails(_argv(pair, out, "--train", str(bad)), capsys, "line 2", '"prompt"')
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    _fails(_argv(pair, out, "--train", str(empty)), capsys, "empty dataset")
-    long = tmp_path / "long.jsonl"
-    long.write_text(json.dumps({"prompt": "1+" * 40, "answer": 0}) + "\n")
-    _fails(_argv(pair, out, "--train", str(long)), capsys, "line 1", "exceeds the context of 64")
-    assert not (out / "checkpoint").exists()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_device_cuda_without_cuda_is_refused(pair, tmp_path, capsys):
-    _fails(_argv(pair, tmp_path / "o", "--device", "cuda"), capsys, "CUDA is not available")
-    assert not (tmp_path / "o" / "checkpoint").exists()
-
-
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(pair, tmp_path, capsys):
-    """A diverging run (absurd lr) stops with the step and the offending metric; the last good checkpoint stays."""
-    out = tmp_path / "nan"
-    argv = _argv(pair, out, "--method", "kd", "--lr", "1e30", "--max-grad-norm", "0", "--save-every", "1",
-                 "--steps", "4")
-    err = _fails(argv, capsys, "non-finite")
-    step = int(re.search(r"at step (\d+)", err).group(1))
-    assert step >= 1
-    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == step  # the checkpoint saved after the last good step
-    assert not (out / ".checkpoint.tmp").exists()
-    # a NaN reward reaches the loss: the error names the step and the offending metric
-    cfg = kdrl.KDRLConfig(out=str(tmp_path / "nan2"), steps=2, group_size=2, prompts_per_step=2, max_new_tokens=4,
-                          progress=False)
-    tok = char_tokenizer(CHARS)
-    model = _tiny("llama", 24, 0)
-    with pytest.raises(kdrl.KDRLError, match=r"non-finite loss at step 0 .*pg_loss"):
-        kdrl.train(cfg, model, model, tok, [{"prompt": "1+1=", "answer": 2}], lambda p, c, ex: float("nan"))
-    assert not (tmp_path / "nan2" / "checkpoint").exists()
-
-
-def test_tokenizer_mismatch_is_refused(pair, tmp_path, capsys):
-    """A teacher whose tokenizer differs only in its EOS id is refused, naming the difference."""
-    other = char_tokenizer(CHARS)
-    other.eos_token = "#"
-    teacher = tmp_path / "teacher"
-    _tiny("qwen2", 32, 1).save_pretrained(teacher)
-    other.save_pretrained(teacher)
-    _fails(_argv(pair, tmp_path / "o", "--teacher", str(teacher)), capsys, "eos_token_id")
-    vocab = char_tokenizer(CHARS[::-1])  # same tokens, different ids
-    vocab.save_pretrained(teacher)
-    _fails(_argv(pair, tmp_path / "o", "--teacher", str(teacher)), capsys, "has id")
-    assert not (tmp_path / "o" / "checkpoint").exists()  # refused before any training or checkpoint
-
-
-# --- sampling and log-probs ------------------------------------------------------------------------
-
 
 class _Scripted(torch.nn.Module):
     """A fake causal LM: after position p it emits '5' while p < stop, then `end` (default EOS) (+100 logits)."""
@@ -1339,7 +1109,6 @@ class _Scripted(torch.nn.Module):
         logits[..., self.width - 1] = 1000.0  # a padded column (≥ len(tokenizer)): must never be sampled
         return types.SimpleNamespace(logits=logits, past_key_values=None)
 
-
 @pytest.mark.parametrize("pad_is_eos", [False, True])
 def test_response_mask_keeps_eos_drops_padding_flags_truncation(pad_is_eos):
     """The mask includes the first EOS (also when pad == EOS), excludes what follows, and flags truncation.
@@ -1357,14 +1126,12 @@ def test_response_mask_keeps_eos_drops_padding_flags_truncation(pad_is_eos):
     assert ro.response_ids[1].tolist()[:2] == [five, eos] and ro.response_ids[2].tolist() == [five, five, eos]
     assert ro.attention_mask[:, -3:].tolist() == ro.response_mask.long().tolist()
 
-
 def _naive_logprobs(model, ro, V, temperature=1.0):
     T = ro.response_mask.shape[1]
     positions = kdrl._positions(ro.attention_mask)
     logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=positions).logits
     logp = torch.log_softmax(logits[:, -T - 1 : -1, :V].float() / temperature, -1)
     return logp.gather(2, ro.response_ids[..., None]).squeeze(-1) * ro.response_mask
-
 
 def _first_sample_where(premise, sample, tries: int = 20):
     """sample(seed) for the first seed 0, 1, ... whose batch meets the test's premise (ragged lengths, early ends),
@@ -1374,7 +1141,6 @@ def _first_sample_where(premise, sample, tries: int = 20):
         if premise(batch):
             return batch
     raise AssertionError(f"no seed in 0..{tries - 1} gave a batch that meets the premise")
-
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
@@ -1409,7 +1175,6 @@ def test_token_logprobs_match_naive(kind, chunk):
     # the sampler's own log-probs are of the same (tempered, unpadded) distribution
     torch.testing.assert_close(ro.logprobs, ref, atol=1e-5, rtol=0)
 
-
 def test_greedy_sampler_matches_no_cache_loop():
     """At T = 0 the KV-cached sampler picks the same tokens as a plain loop that re-runs the whole prefix
     (both in float64, so ties cannot flip)."""
@@ -1426,10 +1191,6 @@ def test_greedy_sampler_matches_no_cache_loop():
                 break
         n = len(ids) - len(tok(p)["input_ids"])
         assert ro.response_ids[i, :n].tolist() == ids[-n:] and int(ro.response_mask[i].sum()) == n
-
-
-# --- rewards ---------------------------------------------------------------------------------------
-
 
 @pytest.mark.parametrize(
     "completion, answer, expected",
@@ -1449,7 +1210,6 @@ def test_greedy_sampler_matches_no_cache_loop():
 def test_math_reward(completion, answer, expected):
     assert kdrl.math_reward("q", completion, {"answer": answer}) == expected
 
-
 def test_correct_ignores_format_bonus_and_reward_errors_name_the_example():
     """The format bonus raises the reward, never `correct`; a failing reward function names its example."""
     examples = [{"prompt": "1+1=", "answer": 2, "_line": 7}]
@@ -1464,193 +1224,9 @@ def test_correct_ignores_format_bonus_and_reward_errors_name_the_example():
     with pytest.raises(kdrl.KDRLError, match=r"line 7 .*'1\+1='.*KeyError"):
         kdrl.score_completions(broken, examples, ["x"], 1)
 
-
-def test_data_order_is_a_pure_function_of_seed_and_step():
-    """Each epoch is a permutation: every example once per epoch; the same (seed, step) gives the same batch."""
-    batches = [kdrl.batch_for_step(10, s, 5, seed=1) for s in range(4)]
-    assert sorted(batches[0] + batches[1]) == list(range(10)) == sorted(batches[2] + batches[3])
-    assert batches[0] == kdrl.batch_for_step(10, 0, 5, seed=1) != kdrl.batch_for_step(10, 0, 5, seed=2)
-
-
-# --- the demo --------------------------------------------------------------------------------------
-
-
-def test_demo_smoke_runs_every_arm(tmp_path):
-    """`train_tiny.py --preset smoke` runs every METHODS preset and β-grid arm and writes the table, the JSON, the
-    curves and one metrics.jsonl per run. No accuracy is asserted: the smoke preset checks the plumbing only."""
-    import train_tiny
-
-    result = train_tiny.main(["--preset", "smoke", "--out", str(tmp_path), "--device", DEVICE])
-    arms = [*kdrl.METHODS, *train_tiny.BETA_ARMS]
-    assert {r["method"] for r in result["rows"]} == {"teacher", "student (start)", *arms}
-    table = (tmp_path / "results.md").read_text()
-    for name in ("teacher", "student (start)", *arms):
-        assert f"| {name} | 1 |" in table
-    assert (tmp_path / "curves.png").stat().st_size > 1000
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["preset"] == "smoke" and len(saved["rows"]) == 2 + len(arms) and saved["device"] == DEVICE
-    for m in arms:
-        assert len(_steps(tmp_path / f"{m}-seed0")) == train_tiny.PRESETS["smoke"].rl["steps"]
-    betas = {r["beta"] for r in result["rows"] if r["method"] in train_tiny.BETA_ARMS}
-    assert betas == set(train_tiny.BETA_ARMS.values())
-
-
-def test_demo_is_deterministic_on_one_machine(tmp_path):
-    """The README's reproducibility claim, and no more: the same command on the same machine (same torch, same thread
-    count; on a GPU, deterministic kernels, as this module sets) gives the same numbers; wall times aside. Across
-    machines BLAS kernels differ, which it does not claim."""
-    import train_tiny
-
-    def numbers(out):
-        result = train_tiny.main(["--preset", "smoke", "--out", str(out), "--methods", "grpo,kdrl,sft", "--device",
-                                  DEVICE])
-        drop = ("wall_s",)
-        rows = [{k: (v if k != "curve" else [{c: x for c, x in point.items() if c not in drop} for point in v])
-                 for k, v in row.items() if k not in drop} for row in result["rows"]]
-        return rows, [_steps(out / f"{m}-seed0") for m in ("grpo", "kdrl", "sft")]  # losses, KL, rewards per step
-
-    (rows_a, steps_a), (rows_b, steps_b) = numbers(tmp_path / "a"), numbers(tmp_path / "b")
-    assert rows_a == rows_b and len(rows_a) == 5
-    assert steps_a == steps_b and all(math.isfinite(r["pg_loss"]) for r in steps_a[0])
-
-
-def test_demo_splits_are_disjoint_and_the_teacher_data_has_its_designed_bug():
-    """Train / val / test / OOD are disjoint; OOD is every equal-tens problem (900); the teacher's solutions
-    differ from the correct ones exactly in region B (both units digits ≥ 5), where they answer a + b − 10 with
-    working that is consistent with that answer; OOD problems with a carry are the ones that need an unseen step."""
-    import train_tiny
-
-    p = train_tiny.PRESETS["cpu"]
-    data = train_tiny.make_splits(p)
-    keys = {name: {ex["prompt"] for ex in rows} for name, rows in data.items()}
-    assert [len(keys[k]) for k in ("train", "val", "test", "ood")] == [p.n_train, p.n_val, p.n_test, 900]
-    assert all(not (keys[x] & keys[y]) for x, y in itertools.combinations(keys, 2))
-    tens_steps = set()
-    for ex in data["train"]:
-        a, b = map(int, ex["prompt"][:-1].split("+"))
-        assert ex["solution"].endswith(f"#### {a + b}")
-        bug = a % 10 >= 5 and b % 10 >= 5
-        assert (ex["region"] == "B") == bug and (ex["teacher_solution"] != ex["solution"]) == bug
-        assert int(ex["teacher_answer"]) == a + b - 10 * bug
-        assert kdrl.math_reward(ex["prompt"], ex["teacher_solution"], ex) == float(not bug)
-        tens_steps.add(ex["solution"].split("|")[1])
-    steps_anywhere = {step for ex in data["train"] for step in ex["solution"].split("|")[:-1]}
-    for ex in data["ood"]:
-        tens = ex["solution"].split("|")[1]
-        assert tens not in tens_steps and (tens in steps_anywhere) == (not ex["carry"])
-    assert sum(ex["region"] == "B" for ex in data["test"]) / p.n_test == pytest.approx(0.25, abs=0.04)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_check_gpu_refuses_without_cuda(capsys):
-    import train_tiny
-
-    with pytest.raises(SystemExit) as e:
-        train_tiny.main(["--check-gpu"])
-    assert e.value.code == 2 and "--check-gpu needs a CUDA GPU, and torch" in capsys.readouterr().err
-
-
-class _ScriptedProcess:
-    """subprocess.Popen for one part of check_gpu: prints a scripted output, then exits with a scripted status."""
-
-    def __init__(self, output: str, returncode: int):
-        self.stdout, self.returncode = io.BytesIO(output.encode()), returncode
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        return False
-
-
-def test_check_gpu_runs_the_tests_the_smoke_preset_and_the_bench_on_cuda(monkeypatch, capsys):
-    """--check-gpu, seen from a CUDA machine (torch.cuda stubbed, each part's process scripted): the test suite with
-    KDRL_TEST_DEVICE=cuda, then the smoke preset and the bench with --device cuda; the summary names the GPU and the
-    versions and gives the tests' count, the bench's step times and peak memory; a failed part is named, exit 1."""
-    import transformers
-
-    import train_tiny
-
-    bench_out = ("bench: 6,304,000 parameters on cuda (Fake GPU), bfloat16 autocast over float32 weights\n"
-                 "bench grpo median_step_s=0.50 peak_mib=120\nbench kdrl median_step_s=0.60 peak_mib=150\n")
-    outputs = {"pytest": "....s.\n\n250 passed, 3 skipped in 150.00s\n", "--bench": bench_out,
-               "--preset": "teacher:  50%|#####     | 1/2\rteacher: 100%|##########| 2/2\n"
-                           "# Results: preset `smoke`, device cuda, 1 seed(s), total 12s\n| kdrl | 1 | ...\n"}
-    failing, runs = set(), []
-
-    def scripted_popen(command, cwd, env, **kwargs):
-        (part,) = [key for key in outputs if key in command]
-        runs.append((part, command, env.get("KDRL_TEST_DEVICE")))
-        return _ScriptedProcess(outputs[part], 1 if part in failing else 0)
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Fake GPU")
-    monkeypatch.setattr(subprocess, "Popen", scripted_popen)
-    result = train_tiny.check_gpu()
-    assert [part for part, _, _ in runs] == ["pytest", "--preset", "--bench"] and result["ok"]
-    assert all(device == "cuda" for _, _, device in runs)  # the tests read it; the CLI runs say --device cuda
-    assert runs[1][1][-4:-2] == ["--device", "cuda"] and runs[2][1][-2:] == ["--device", "cuda"]
-    assert runs[1][1][2:4] == ["--preset", "smoke"] and runs[0][1][1:] == ["-m", "pytest", "-q"]
-    summary = capsys.readouterr().out.split("\ncheck-gpu: Fake GPU")[-1].splitlines()
-    versions = f" | torch {torch.__version__} (CUDA {torch.version.cuda}) | transformers {transformers.__version__}"
-    assert summary[0] == versions
-    assert summary[1].startswith("  tests  ok") and summary[1].endswith("| 250 passed, 3 skipped in 150.00s")
-    assert summary[2].endswith("| # Results: preset `smoke`, device cuda, 1 seed(s), total 12s")
-    assert summary[3].endswith("| " + bench_out.strip().replace("\n", " | ")) and "peak_mib=150" in summary[3]
-    assert summary[4].startswith("check-gpu: all passed in ")
-    failing.add("--bench")
-    with pytest.raises(SystemExit) as e:
-        train_tiny.main(["--check-gpu"])
-    assert e.value.code == 1 and "check-gpu: FAILED: bench in " in capsys.readouterr().out
-
-
-def test_results_table_pairs_each_method_with_grpo_by_seed():
-    """The paired columns' errors are those of the per-seed differences from grpo (here 10 and 20 points: ± 5.0),
-    not the combined error of two means (± 18.0), since both methods start from the same student in each seed;
-    `significant` lists the paired differences beyond two standard errors."""
-    import train_tiny
-
-    def row(method, seed, acc, b):
-        return dict(method=method, seed=seed, id=acc, id_A=acc, id_B=b, ood=0.5, ood_seen=0.5, ood_unseen=0.5,
-                    length=20.0, wall_s=3.0)
-
-    rows = [row("teacher", 0, 0.9, 0.0), row("grpo", 0, 0.2, 0.1), row("grpo", 1, 0.4, 0.3),
-            row("kd", 0, 0.3, 0.0), row("kd", 1, 0.6, 0.2)]
-    lines = train_tiny.table(rows, ["teacher", "grpo", "kd"]).splitlines()
-    assert lines[0].endswith("| ID − grpo | ID B − grpo |")
-    assert lines[2] == "| teacher | 1 | 90.0 | 90.0 | 0.0 | 50.0 | 50.0 | 50.0 | — | — | 20.0 | 3 | — | — |"
-    assert lines[3] == ("| grpo | 2 | 30.0 ± 10.0 | 30.0 ± 10.0 | 20.0 ± 10.0 "
-                        "| 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | — | — | 20.0 ± 0.0 | 3 ± 0 | — | — |")
-    assert lines[4].endswith("| +15.0 ± 5.0 | -10.0 ± 0.0 |")
-    assert train_tiny.significant(rows, ["grpo", "kd"]) == [
-        "kd ID: +15.0 ± 5.0", "kd ID A: +15.0 ± 5.0", "kd ID B: -10.0 ± 0.0"
-    ]
-
-
-def test_bench_prints_one_machine_readable_line_per_method(pair, capsys):
-    """`train_tiny.py --bench --bench-model DIR --device D` names the device and the dtype it runs in, then ends with a
-    `bench <method> key=value ...` line for grpo and kdrl; on CUDA each also gives the peak allocated memory."""
-    import train_tiny
-
-    train_tiny.main(["--bench", "--bench-model", str(pair / "student"), "--device", DEVICE])
-    printed = capsys.readouterr().out.strip().splitlines()
-    (header,) = [line for line in printed if line.startswith("bench: ")]
-    dtype = "bfloat16 autocast over float32 weights" if DEVICE == "cuda" else "float32"
-    assert f" parameters on {DEVICE} (" in header and header.endswith(f", {dtype}"), header
-    lines = printed[-2:]
-    peak = r" peak_mib=\d+" if DEVICE == "cuda" else ""
-    pattern = (r"bench {} median_step_s=\d+\.\d\d sampling_s=\d+\.\d\d teacher_s=\d+\.\d\d update_s=\d+\.\d\d"
-               r" tokens_per_s=\d+ mean_len=\d+\.\d" + peak)
-    assert re.fullmatch(pattern.format("grpo"), lines[0]) and re.fullmatch(pattern.format("kdrl"), lines[1]), lines
-
-
-# --- real vocabularies: full-vocabulary KD without (B, T, V), end ids, config, resume -------------------------------
-
-
 def _rollouts_for(tok, model, prompts, group_size=2, max_new_tokens=7, temperature=0.9, seed=0):
     torch.manual_seed(seed)
     return kdrl.sample_rollouts(model, tok, prompts, group_size, max_new_tokens, temperature)
-
 
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 @pytest.mark.parametrize("temperature", [0.7, 1.3])
@@ -1690,13 +1266,12 @@ def test_chunked_full_kl_equals_the_full_logits_computation(chunk, temperature):
 
     def chunked():
         with torch.no_grad():
-            t_logp, t_hidden = kdrl.token_logprobs(teacher, ro.input_ids, ro.attention_mask, mask,
-                                                   temperature=temperature, vocab_size=V, chunk_size=chunk,
-                                                   return_hidden=True)
+            t_logp, t_hidden = kdrl.token_logprobs_and_hidden(teacher, ro.input_ids, ro.attention_mask, mask,
+                                                              temperature=temperature, vocab_size=V, chunk_size=chunk)
         assert t_hidden.shape == (B, T, teacher.config.hidden_size)  # what is kept between the passes: no V in it
-        logp, kl = kdrl.token_logprobs(student, ro.input_ids, ro.attention_mask, mask, temperature=temperature,
-                                       vocab_size=V, chunk_size=chunk,
-                                       kl_teacher=(teacher.get_output_embeddings(), t_hidden))
+        logp, kl = kdrl.token_logprobs_and_kl(student, ro.input_ids, ro.attention_mask, mask,
+                                              teacher.get_output_embeddings(), t_hidden, temperature=temperature,
+                                              vocab_size=V, chunk_size=chunk)
         return logp, t_logp, kl
 
     results = []
@@ -1715,8 +1290,7 @@ def test_chunked_full_kl_equals_the_full_logits_computation(chunk, temperature):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
     assert kl_ref[mask].min() > 0  # the models differ, so the KL term is not vacuous
 
-
-def test_no_head_call_sees_more_than_a_chunk_in_a_training_step(pair):
+def test_no_head_call_sees_more_than_a_chunk_in_a_training_step():
     """Never (B, T, V): in a whole kdrl-full step (teacher pass and update, μ = 2), every call of either model's
     output head gets at most logprob_chunk rows, and the logits of both models are never computed by the model's own
     forward (which would build (B, T, V)); the same for kdrl (k2)."""
@@ -1738,12 +1312,12 @@ def test_no_head_call_sees_more_than_a_chunk_in_a_training_step(pair):
         cfg = kdrl.KDRLConfig.from_method(method, group_size=4, mu=2, minibatch_size=8, logprob_chunk=5)
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
         scores = kdrl.teacher_pass(cfg, student, teacher, ro, len(tok))
-        kdrl.policy_update(cfg, student, teacher, optimizer, ro, adv, correct, cfg.beta, scores, len(tok), step=0)
+        kdrl.policy_update(cfg, student, teacher, optimizer, rollouts=ro, advantages=adv, trained_on=correct,
+                           beta=cfg.beta, scores=scores, vocab_size=len(tok), step=0)
         for h in hooks:
             h.remove()
         assert rows and max(rows) <= 5 and full_forwards == []
         assert (scores["teacher_hidden"] is not None) == (method == "kdrl-full")
-
 
 class _OldCacheApi(torch.nn.Module):
     """A causal LM whose forward() names the cache `past_key_values` (transformers before 5.2x); records the name."""
@@ -1758,47 +1332,6 @@ class _OldCacheApi(torch.nn.Module):
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=use_cache, logits_to_keep=logits_to_keep, **cache)
         return types.SimpleNamespace(logits=out.logits, past_key_values=kdrl._returned_cache(out))
-
-
-@pytest.mark.parametrize("method, reward, kept", [("sft", 1.0, 0.5), ("sft", 0.0, 0.0), ("sft-all", 0.0, 0.5)])
-def test_sft_trains_only_on_ended_teacher_samples(tmp_path, method, reward, kept):
-    """SFT keeps the teacher samples that ended (an end token within max_new_tokens) and, unless sft-all, were
-    correct: a truncated sample that the reward calls correct is not trained on. sft_kept is that fraction."""
-    tok = char_tokenizer(CHARS)
-    teacher = _Scripted(tok, stop=3, width=len(tok) + 1).to(DEVICE)  # '5' until position 3, then EOS
-    cfg = kdrl.KDRLConfig.from_method(method, out=str(tmp_path / method), steps=1, group_size=2, prompts_per_step=2,
-                                      max_new_tokens=3, temperature=1.0, progress=False)
-    data = [{"prompt": "1", "answer": 0}, {"prompt": "12", "answer": 0}]  # "1": 3 × '5', truncated; "12": ended
-
-    def constant_reward(prompt, completion, example):
-        return reward
-
-    student = _tiny("llama", len(tok), 0)
-    before = {k: v.clone() for k, v in student.state_dict().items()}
-    kdrl.train(cfg, student, teacher, tok, data, constant_reward)
-    (row,) = _steps(tmp_path / method)
-    assert row["sft_kept"] == kept and row["truncated"] == 0.5 and "zero_adv_frac" not in row
-    moved = any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
-    assert moved == (kept > 0)  # nothing kept: no optimizer step at all (AdamW would still move the weights)
-
-
-@pytest.mark.parametrize("rewards, expected",
-                         [((1.0, 1.0, 0.0, 1.0), 0.5), ((0.0, 1.0, 1.0, 0.0), 0.0), ((1.0,) * 4, 1.0)])
-def test_zero_adv_frac_counts_groups_without_a_policy_gradient(tmp_path, rewards, expected):
-    """zero_adv_frac is the share of groups whose rewards are all equal (advantage exactly 0)."""
-    tok = char_tokenizer(CHARS)
-    cfg = kdrl.KDRLConfig.from_method("grpo", out=str(tmp_path / "z"), steps=1, group_size=2, prompts_per_step=2,
-                                      max_new_tokens=3, progress=False)
-    calls = iter(rewards)
-
-    def scripted_reward(prompt, completion, example):
-        return next(calls)
-
-    student, teacher = _tiny("llama", len(tok), 0), _tiny("llama", len(tok), 1)
-    kdrl.train(cfg, student, teacher, tok, [{"prompt": "1", "answer": 0}], scripted_reward)
-    (row,) = _steps(tmp_path / "z")
-    assert row["zero_adv_frac"] == expected
-
 
 def test_sampler_passes_the_cache_under_the_name_the_model_takes():
     """transformers 5.2x deprecates forward(past_key_values=...) (removed in 5.40) for `cache`: the sampler uses
@@ -1817,7 +1350,6 @@ def test_sampler_passes_the_cache_under_the_name_the_model_takes():
     assert old_api.seen[0] is False and all(old_api.seen[1:]) and len(old_api.seen) > 1
     assert torch.equal(new.input_ids, old.input_ids) and torch.equal(new.response_mask, old.response_mask)
 
-
 @pytest.mark.parametrize("mu", [1, 2])
 def test_the_update_never_reads_the_samplers_logprobs(mu):
     """The old policy is rescored (μ > 1) or is the current one detached (μ = 1): Rollouts.logprobs, a by-product of
@@ -1834,11 +1366,11 @@ def test_the_update_never_reads_the_samplers_logprobs(mu):
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
         batch = dataclasses.replace(ro, logprobs=logprobs)
         scores = kdrl.teacher_pass(cfg, student, teacher, batch, len(tok))
-        kdrl.policy_update(cfg, student, teacher, optimizer, batch, adv, correct, cfg.beta, scores, len(tok), step=0)
+        kdrl.policy_update(cfg, student, teacher, optimizer, rollouts=batch, advantages=adv, trained_on=correct,
+                           beta=cfg.beta, scores=scores, vocab_size=len(tok), step=0)
         weights.append(student.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert all(torch.isfinite(v).all() for v in weights[1].values())
-
 
 def test_every_end_id_ends_a_response():
     """A model that emits the second end id (listed by its generation_config, not the tokenizer's EOS) stops there,
@@ -1857,118 +1389,6 @@ def test_every_end_id_ends_a_response():
     ro = kdrl.sample_rollouts(model, tok, ["1", "12"], 1, 5, temperature=0.0, end_ids=[tok.eos_token_id])
     assert ro.response_mask.all() and ro.truncated.all()
 
-
-@pytest.fixture(scope="module")
-def large_pair(tmp_path_factory):
-    """The real-vocabulary fixture: 151,665 tokens with a ChatML template, Qwen2 student and teacher with logits
-    151,936 and 152,064 wide, generation configs listing <|im_end|> and <|endoftext|>."""
-    from train_tiny import save_large_vocab_pair
-
-    return save_large_vocab_pair(tmp_path_factory.mktemp("large"), hidden_size=16, layers=1)
-
-
-def test_large_vocab_fixture_is_what_it_claims(large_pair):
-    from transformers import AutoTokenizer
-
-    tok = kdrl.load_tokenizer(str(large_pair / "student"), "student")
-    assert len(tok) == 151_665 and tok.chat_template
-    widths = [AutoModelForCausalLM.from_pretrained(large_pair / n).config.vocab_size for n in ("student", "teacher")]
-    assert widths == [151_936, 152_064]
-    student = AutoModelForCausalLM.from_pretrained(large_pair / "student")
-    assert kdrl.end_token_ids(tok, student) == [151_643, 151_645]
-    prompt = kdrl.format_prompt(tok, "12+3=")
-    assert prompt == "<|im_start|>user\n12+3=<|im_end|>\n<|im_start|>assistant\n"
-    assert AutoTokenizer.from_pretrained(large_pair / "teacher").convert_tokens_to_ids("<|im_start|>") == 151_644
-
-
-@pytest.mark.parametrize("method", list(kdrl.METHODS))
-def test_every_preset_runs_on_a_real_vocabulary(large_pair, tmp_path, method):
-    """Each preset, 2 steps through main() on the 151,665-token pair; the checkpoint loads in plain
-    AutoModelForCausalLM, and its tokenizer still renders the chat template."""
-    from transformers import AutoTokenizer
-
-    out = tmp_path / method
-    argv = ["--student", str(large_pair / "student"), "--teacher", str(large_pair / "teacher"), "--train",
-            str(large_pair / "train.jsonl"), "--out", str(out), "--method", method, "--steps", "2", "--group-size", "2",
-            "--prompts-per-step", "2", "--max-new-tokens", "6", "--logprob-chunk", "4", "--no-progress",
-            "--device", DEVICE]
-    assert kdrl.main(argv) == 0
-    rows = _steps(out)
-    assert [r["step"] for r in rows] == [0, 1] and all(math.isfinite(r.get("pg_loss", r.get("sft_loss"))) for r in rows)
-    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
-    assert model.config.vocab_size == 151_936
-    tok = AutoTokenizer.from_pretrained(out / "checkpoint")
-    chat = [{"role": "user", "content": "1+1="}]
-    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True).endswith("<|im_start|>assistant\n")
-
-
-@pytest.mark.parametrize("field, value, needle", [
-    ("beta", -0.1, "beta=-0.1: must be >= 0"),
-    ("beta", float("nan"), "beta=nan"),
-    ("beta_min", 0.01, "beta_min=0.01: must be in [0, beta=0.005]"),
-    ("clip_eps_low", 1.0, "clip_eps_low=1.0: must be in [0, 1)"),
-    ("clip_eps_high", -0.1, "clip_eps_high=-0.1"),
-    ("lr", 0.0, "lr=0.0: must be > 0"),
-    ("adv_eps", -1e-6, "adv_eps=-1e-06: must be >= 0"),
-    ("trrd_clamp", 0.0, "trrd_clamp=0.0: must be > 0"),
-    ("kd_gamma", 1.5, "kd_gamma=1.5: must be in [0, 1]"),
-    ("max_grad_norm", -1.0, "max_grad_norm=-1.0"),
-])
-def test_config_validation_names_the_field(field, value, needle):
-    with pytest.raises(kdrl.KDRLError) as e:
-        kdrl.validate_config(kdrl.KDRLConfig(**{field: value}))
-    assert needle in str(e.value)
-
-
-def test_full_kl_is_refused_in_reward_mode_and_without_a_kd_term():
-    with pytest.raises(kdrl.KDRLError, match="kd_kind='full' needs kd_mode='loss'"):
-        kdrl.validate_config(kdrl.KDRLConfig.from_method("kdrl-seq", kd_kind="full"))
-    # β = 0: nothing to compute (it used to crash in the loss, or run the KL for nothing)
-    for method in ("grpo", "rlad"):
-        with pytest.raises(kdrl.KDRLError, match="kd_kind='full' with beta=0"):
-            kdrl.validate_config(kdrl.KDRLConfig.from_method(method, kd_kind="full"))
-
-
-def test_method_presets_are_one_entry_point_and_contradictions_are_refused(pair, tmp_path, capsys):
-    """KDRLConfig.from_method applies the preset; a config whose fields contradict its method is refused by
-    validate_config and so by train() (KDRLConfig(method="grpo") would otherwise train KDRL); knobs may be tuned."""
-    for name in kdrl.METHODS:
-        kdrl.validate_config(kdrl.KDRLConfig.from_method(name))
-    refused = [
-        (dict(method="grpo"), "beta=0.005 contradicts method='grpo'"),
-        (dict(method="rlad"), "trrd_alpha=None contradicts method='rlad'"),
-        (dict(method="sft"), "sft=False contradicts method='sft'"),
-        (dict(method="kdrl", trrd_alpha=0.5), "trrd_alpha=0.5 contradicts method='kdrl'"),
-        (dict(method="kdrl", beta=0.0), "beta=0.0 contradicts method='kdrl', which needs beta > 0"),
-        (dict(method="kdrl", kd_mask="response"), "kd_mask='response' contradicts method='kdrl'"),
-        (dict(method="kdrl-mask", kd_mask="none"), "kd_mask='none' contradicts method='kdrl-mask'"),
-        (dict(method="kdrl-seq", kd_mode="loss"), "kd_mode='loss' contradicts method='kdrl-seq'"),
-        (dict(method="kdrl-full", kd_kind="k2"), "kd_kind='k2' contradicts method='kdrl-full'"),
-        (dict(method="kd", use_reward=True, beta=1.0), "use_reward=True contradicts method='kd'"),
-    ]
-    for fields, needle in refused:
-        method = fields.pop("method")
-        cfg = kdrl.KDRLConfig.from_method(method, **fields) if fields else kdrl.KDRLConfig(method=method)
-        with pytest.raises(kdrl.KDRLError) as e:
-            kdrl.validate_config(cfg)
-        assert needle in str(e.value), str(e.value)
-    tuned = [("kd", dict(beta=0.5)), ("kdrl", dict(kd_kind="k3")), ("kdrl-mask", dict(kd_mask="group")),
-             ("kdrl-anneal", dict(beta_decay_steps=200)), ("rlad", dict(trrd_alpha=0.3)),
-             ("kdrl-seq", dict(kd_gamma=0.5))]
-    for method, knobs in tuned:
-        kdrl.validate_config(kdrl.KDRLConfig.from_method(method, **knobs))
-    with pytest.raises(kdrl.KDRLError, match="contradicts method='grpo'"):
-        cfg = kdrl.KDRLConfig(method="grpo", out=str(tmp_path / "x"))
-        kdrl.train(cfg, None, None, None, [{"prompt": "1", "answer": 1}], kdrl.math_reward)
-    assert not (tmp_path / "x").exists()
-    # the CLI: a flag that contradicts the method is refused; one that tunes a preset value says it won
-    _fails(_argv(pair, tmp_path / "y", "--method", "grpo", "--beta", "0.01"), capsys,
-           "beta=0.01 contradicts method='grpo'")
-    cfg = kdrl.config_from_args(["--method", "kd", "--beta", "0.5"])
-    assert cfg.beta == 0.5 and "--beta 0.5 overrides --method kd's beta=1.0" in capsys.readouterr().err
-    assert kdrl.config_from_args(["--method", "rlad", "--trrd-alpha", "none", "--beta-min", "none"]).trrd_alpha is None
-
-
 @settings(max_examples=200, **_SETTINGS)
 @given(st.lists(st.floats(-1, 1), min_size=4, max_size=12), st.integers(0, 1000), st.sampled_from([2, 4]))
 def test_grpo_advantages_exact_under_power_of_two_scaling(rewards, k, G):
@@ -1984,395 +1404,221 @@ def test_grpo_advantages_exact_under_power_of_two_scaling(rewards, k, G):
                        kdrl.grpo_advantages(r32, G, eps=0.0))
 
 
-# --- resume -----------------------------------------------------------------------------------------------------
+# --- issue 18: the leave-one-out baseline under the KD masks, the exact KL under bf16 autocast ---
 
 
-@pytest.fixture(scope="module")
-def one_step_run(pair, tmp_path_factory):
-    """A 1-step kdrl run with a checkpoint, copied by each resume test."""
-    out = tmp_path_factory.mktemp("resume") / "run"
-    assert kdrl.main(_argv(pair, out, "--method", "kdrl", "--steps", "1")) == 0
-    return out
-
-
-@pytest.mark.parametrize("flags, field", [
-    (("--beta", "0.01"), "beta"),
-    (("--kd-kind", "k3"), "kd_kind"),
-    (("--method", "kdrl-mask"), "method"),
-    (("--group-size", "2"), "group_size"),
-    (("--lr", "2e-3"), "lr"),
-    (("--seed", "7"), "seed"),
-    (("--temperature", "0.5"), "temperature"),
-    (("--mu", "2"), "mu"),
-    (("--train", "OTHER"), "train"),
-])
-def test_resume_refuses_a_config_that_changes_the_math(pair, one_step_run, tmp_path, capsys, flags, field):
-    out = tmp_path / "run"
-    shutil.copytree(one_step_run, out)
-    if flags[1] == "OTHER":
-        other = tmp_path / "other.jsonl"
-        shutil.copy(pair / "train.jsonl", other)
-        flags = (flags[0], str(other))
-    before = (out / "checkpoint" / "model.safetensors").read_bytes()
-    argv = _argv(pair, out, "--method", "kdrl", "--steps", "2", "--resume", *flags)
-    err = _fails(argv, capsys, "--resume", f"{field} (checkpoint ")
-    assert "--" + field.replace("_", "-") in err
-    assert (out / "checkpoint" / "model.safetensors").read_bytes() == before  # untouched
-    assert len(_steps(out)) == 1
-
-
-def test_resume_allows_what_leaves_the_math_alone_and_refuses_fewer_steps(pair, one_step_run, tmp_path, capsys):
-    out = tmp_path / "run"
-    shutil.copytree(one_step_run, out)
-    _fails(_argv(pair, out, "--method", "kdrl", "--steps", "0", "--resume"), capsys, "steps")
-    shutil.copytree(one_step_run, tmp_path / "run2")
-    argv = _argv(pair, tmp_path / "run2", "--method", "kdrl", "--steps", "2", "--resume", "--minibatch-size", "2",
-                 "--logprob-chunk", "3", "--save-every", "1", "--eval-limit", "2")
-    assert kdrl.main(argv) == 0 and len(_steps(tmp_path / "run2")) == 2
-
-
-def _step_lines(text: str) -> list[dict]:
-    """The `|`-separated per-step lines in printed output, each as {field: value}."""
-    lines = [line for line in text.splitlines() if line.startswith("step ") and " | " in line]
-    return [dict(field.split(" ", 1) for field in line.split(" | ")) for line in lines]
-
-
-def test_step_lines_every_step_without_a_bar_and_every_log_every_steps_with_one(pair, tmp_path, capsys):
-    """--no-progress prints one `|` line per step, with that step's numbers as metrics.jsonl has them; with the
-    progress bar, one line every --log-every steps."""
-    out = tmp_path / "plain"
-    assert kdrl.main(_argv(pair, out, "--method", "kdrl", "--steps", "3")) == 0
-    lines = _step_lines(capsys.readouterr().out)
-    assert [line["step"] for line in lines] == ["1/3", "2/3", "3/3"]
-    for line, row in zip(lines, _steps(out), strict=True):
-        assert line["reward"] == f"{row['reward']:.3f}" and line["kl"] == f"{row['kl_k1']:.4f}"
-        assert line["pg_loss"] == f"{row['pg_loss']:.4f}" and line["len"] == f"{row['length']:.0f}"
-    argv = [arg for arg in _argv(pair, tmp_path / "bar", "--method", "grpo", "--steps", "3") if arg != "--no-progress"]
-    assert kdrl.main([*argv, "--log-every", "2"]) == 0
-    lines = _step_lines(capsys.readouterr().out)
-    assert [line["step"] for line in lines] == ["2/3"] and "kl" not in lines[0]  # grpo scores no teacher
-
-
-def test_resume_refuses_a_checkpoint_missing_a_field(pair, one_step_run, tmp_path, capsys):
-    """A checkpoint written before a field existed (here kd_baseline, whose new default changes kdrl-seq's math) is
-    refused rather than resumed with the new default."""
-    out = tmp_path / "run"
-    shutil.copytree(one_step_run, out)
-    path = out / "checkpoint" / "kdrl_config.json"
-    saved = json.loads(path.read_text())
-    del saved["kd_baseline"]
-    path.write_text(json.dumps(saved))
-    err = _fails(_argv(pair, out, "--method", "kdrl", "--steps", "2", "--resume"), capsys, "--resume")
-    assert "kd_baseline (absent from the checkpoint" in err and len(_steps(out)) == 1
-
-
-def test_resume_loads_no_pickled_code(pair, one_step_run, tmp_path, capsys):
-    """trainer_state.pt loads with weights_only=True: a pickled object in it is refused, not run."""
-    out = tmp_path / "run"
-    shutil.copytree(one_step_run, out)
-    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
-    # a class: needs unpickling code
-    torch.save(dict(state, payload=_Scripted), out / "checkpoint" / "trainer_state.pt")
-    err = _fails(_argv(pair, out, "--method", "kdrl", "--steps", "2", "--resume"), capsys, "--resume")
-    assert "cannot read the checkpoint" in err and "UnpicklingError" in err
-
-
-def test_resume_with_other_eval_every_is_exact_and_drops_the_final_eval(pair, tmp_path):
-    """Evaluation runs on its own RNG stream, so a run resumed with evaluations every step trains exactly as one
-    without; the shorter run's final-eval line does not stay behind as if it were an intermediate one."""
-    data = ("--eval", str(pair / "train.jsonl"), "--eval-limit", "3", "--seed", "2")
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert kdrl.main(_argv(pair, a, "--method", "kdrl", "--steps", "3", *data)) == 0
-    assert kdrl.main(_argv(pair, b, "--method", "kdrl", "--steps", "1", *data)) == 0
-    assert kdrl.main(_argv(pair, b, "--method", "kdrl", "--steps", "3", "--eval-every", "1", "--resume", *data)) == 0
-    assert _steps(a) == _steps(b)
-    evals = [r for r in map(json.loads, (b / "metrics.jsonl").read_text().splitlines()) if r.get("eval")]
-    assert [(r["step"], r.get("final", False)) for r in evals] == [(1, False), (2, True)]
-
-
-def test_interrupted_save_keeps_a_good_checkpoint(pair, one_step_run, tmp_path, monkeypatch):
-    """A save interrupted between its two renames leaves only .checkpoint.old; the next save must not delete it
-    before its own checkpoint is in place (here that save is interrupted too, at its last rename)."""
-    out = tmp_path / "run"
-    shutil.copytree(one_step_run, out)
-    (out / "checkpoint").rename(out / ".checkpoint.old")
-    model = AutoModelForCausalLM.from_pretrained(out / ".checkpoint.old")
-    optimizer = torch.optim.AdamW(model.parameters())
-    rename = Path.rename
-
-    def interrupted(self, target):
-        if self.name == ".checkpoint.tmp":
-            raise KeyboardInterrupt
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        kdrl.save_checkpoint(out, 2, model, char_tokenizer(CHARS), optimizer, kdrl.KDRLConfig())
-    monkeypatch.undo()
-    assert kdrl.load_checkpoint(out / "checkpoint", model, optimizer) == 1  # the good one, step 1, survived
+_U32 = 2.0**-23  # float32 machine epsilon
 
 
 # -----------------------------------------------------------------------------
-# Part 3: the TRL integration (kdrl_trl.py). CI installs requirements-trl.txt, so these run on every change.
-
-TRL_METHODS = [m for m in kdrl.METHODS if m not in ("sft", "sft-all", "kdrl-full")]
+# 1. The leave-one-out KD baseline under each KD mask, by exact enumeration.
 
 
-@pytest.fixture(scope="module")
-def kdrl_trl():
-    return pytest.importorskip("kdrl_trl")
+def _pair_returns_grad(student, teacher, V, L, kd_mask, leave_one_out, gamma=1.0):
+    """Σ over every ordered pair of sequences (G = 2) of P_i P_j ∇(−Σ_t R_t log π_t), with R = kd_reward_returns
+    of the pair: the expected policy gradient of the KD return alone (what β·R adds to the advantage, μ = 1).
+    A sequence is correct when its first token is 1, as in test_kdrl's _pair_kd_grad."""
+    tok, ctx, mask, *_ = _tree(V, L)
+    n = tok.shape[0]
+    i, j = (x.reshape(-1) for x in torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij"))
+    rows = torch.stack([i, j], dim=1).reshape(-1)  # (2 n²,): pair k is rows 2k and 2k + 1
+    logp = _token_logp(student, tok[rows], ctx[rows], mask[rows])  # (2 n², L)
+    tlogp = _token_logp(teacher, tok[rows], ctx[rows], mask[rows])  # (2 n², L)
+    P = logp.sum(1).exp().detach()  # (2 n²,)
+    pair_prob = (P[0::2] * P[1::2]).repeat_interleave(2)[:, None]  # (2 n², 1)
+    correct = tok[rows, 0] == 1  # (2 n²,)
+    keep = kdrl.kd_response_mask(correct, kd_mask, 2)[:, None] & mask[rows]  # (2 n², L)
+    returns = kdrl.kd_reward_returns(logp, tlogp, mask[rows], keep, gamma, 2, leave_one_out)  # (2 n², L)
+    return torch.autograd.grad(-(pair_prob * returns * logp).sum(), student)[0]
 
 
-def _fixed_rollouts(prompts, trainer):
-    """A deterministic rollout_func for TRL: completion g of the global batch depends on g and its prompt only,
-    so 1 and 2 processes see the same global batch. Mixes right and wrong answers, EOS and truncation."""
-    tok = trainer.processing_class
-    rank, n = trainer.accelerator.process_index, len(prompts)
-    completions = []
-    for i, prompt in enumerate(prompts):
-        g = rank * n + i
-        a, b = prompt.rstrip("=").split("+")
-        text = f"#### {int(a) + int(b) if g % 3 else 0}"[: 3 + g % 5]
-        eos = [tok.eos_token_id] if g % 4 else []
-        completions.append(tok(text, add_special_tokens=False)["input_ids"] + eos)
-    return dict(prompt_ids=tok(text=prompts)["input_ids"], completion_ids=completions, logprobs=None)
+def _loo_accepted(kd_mask: str) -> bool:
+    try:
+        train.validate_config(kdrl.KDRLConfig.from_method("kdrl-seq", kd_mask=kd_mask, kd_baseline="loo"))
+    except kdrl.KDRLError:
+        return False
+    return True
 
 
-def _trl_trainer(kdrl_trl, pair, tmp_path, method, **overrides):
-    cfg = kdrl.KDRLConfig.from_method(method, **{**dict(
-        student=str(pair / "student"), teacher=str(pair / "teacher"), train=str(pair / "train.jsonl"),
-        out=str(tmp_path / method), steps=2, group_size=4, prompts_per_step=2, max_new_tokens=8, minibatch_size=8,
-        lr=1e-3, progress=False, device=DEVICE, temperature=0.7), **overrides})
-    tok = kdrl.load_tokenizer(cfg.student, "student")
-    examples = kdrl.load_jsonl(cfg.train)
-    student = kdrl.load_model(cfg.student, torch.device("cpu"), torch.float32, "student")  # TRL moves it to DEVICE
-    trainer = kdrl_trl.KDRLTrainer(cfg, student, cfg.teacher, kdrl.math_reward, examples,
-                                   args=kdrl_trl.grpo_config(cfg, 1), train_dataset=kdrl_trl.dataset_for(tok, examples),
-                                   processing_class=tok, rollout_func=_fixed_rollouts)
-    return trainer, cfg, tok, examples
+def test_loo_baseline_is_refused_exactly_where_it_biases_the_gradient():
+    """Why kdrl refuses kd_baseline="loo" with kd_mask="group": under "group" whether the other response keeps its
+    return depends on whether this one is correct, so the baseline depends on this response and the expected
+    gradient moves (by 0.2 here, against a gradient of 1), while under "none" and "response" it is unchanged to
+    float64 rounding. validate_config accepts loo with exactly the masks where it is unbiased."""
+    student, teacher = _fixed(_FIX_STUDENT, grad=True), _fixed(_FIX_TEACHER)
+    for kd_mask in train._CHOICES["kd_mask"]:
+        with_loo = _pair_returns_grad(student, teacher, _FIX_V, _FIX_L, kd_mask, True)
+        without = _pair_returns_grad(student, teacher, _FIX_V, _FIX_L, kd_mask, False)
+        gap = (with_loo - without).abs().max().item()
+        assert gap > 0.1 if kd_mask == "group" else gap < 1e-14
+        assert _loo_accepted(kd_mask) == (gap < 1e-14), kd_mask
+    V, L, (student, teacher) = _largest_case(2)  # and on the largest tree (121 sequences, 14,641 pairs)
+    with_loo = _pair_returns_grad(student, teacher, V, L, "group", True)
+    assert (with_loo - _pair_returns_grad(student, teacher, V, L, "group", False)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("method", TRL_METHODS)
-def test_trl_loss_and_gradient_equal_kdrl(kdrl_trl, pair, tmp_path, method, monkeypatch):
-    """The subclass's whole path (rewards, advantages, KD masks, teacher log-probs, the loss) against kdrl.py's own
-    functions on the same completions: equal rewards and advantages, and equal loss and gradient in float32 (on a GPU
-    too: dtype float32, no bfloat16 autocast), with μ = 2 (old log-probs ≠ current), a vLLM-style importance weight,
-    and β at the annealing's kdrl step."""
-    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
-    overrides = dict(mu=2, kd_mask="group", dtype="float32") if method == "kdrl-mask" else dict(mu=2, dtype="float32")
-    if method == "kdrl-seq":
-        overrides["kd_baseline"] = "none"  # the leave-one-out baseline needs whole groups: refused in TRL
-    trainer, cfg, tok, examples = _trl_trainer(kdrl_trl, pair, tmp_path, method, **overrides)
-    G, index = cfg.group_size, (0, 5)
-    inputs = [dict(prompt=examples[i]["prompt"], kdrl_index=i) for i in index for _ in range(G)]
-    batch = trainer._generate_and_score_completions(inputs)
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    mask = batch["completion_mask"].bool()
-    B, T = mask.shape
-    g = torch.Generator().manual_seed(0)
-    # kdrl.py's own pipeline on the same completions
-    truncated = ~(batch["completion_ids"] == tok.eos_token_id).any(1)
-    ro = kdrl.Rollouts(ids, attn, mask, torch.zeros(B, T, device=DEVICE), truncated)
-    rewards, correct = kdrl.score_completions(kdrl.math_reward, [examples[i] for i in index], kdrl.decode(tok, ro), G)
-    rewards, correct = rewards.to(DEVICE), correct.to(DEVICE)
-    prompts = [examples[i]["prompt"] for i in index for _ in range(G)]
-    assert 0 < correct.sum() < B and (
-        mask.sum(1).tolist() == [len(c) for c in _fixed_rollouts(prompts, trainer)["completion_ids"]]
-    )
-    adv = torch.zeros(B, device=DEVICE)
-    if cfg.use_reward:
-        adv = kdrl.grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps)
-    torch.testing.assert_close(batch["advantages"], adv, rtol=0, atol=0)
-    assert torch.equal(batch["kd_keep"], kdrl.kd_response_mask(correct, cfg.kd_mask, G))
-    V, temp = len(tok), cfg.temperature
-    teacher = AutoModelForCausalLM.from_pretrained(pair / "teacher").eval().to(DEVICE)
-    with torch.no_grad():
-        teacher_logp = kdrl.token_logprobs(teacher, ids, attn, mask, temperature=temp, vocab_size=V)
-    if trainer.needs_teacher:
-        torch.testing.assert_close(batch["teacher_logps"], teacher_logp)
-    reference = AutoModelForCausalLM.from_pretrained(pair / "student").eval().to(DEVICE)
-    logp = kdrl.token_logprobs(reference, ids, attn, mask, temperature=temp, vocab_size=V)
-    noise = torch.rand(B, T, generator=g).to(DEVICE)  # (B, T), drawn on CPU: the same numbers on every device
-    old = torch.where(mask, logp.detach() + 0.3 * (noise - 0.5), 0.0)
-    weight = torch.exp(0.2 * (torch.rand(B, T, generator=g).to(DEVICE) - 0.5))
-    trainer.state.global_step = 3  # μ = 2: kdrl step 1
-    beta = kdrl.beta_schedule(1, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
-    loss_ref, _ = kdrl.kdrl_loss(logp, old, teacher_logp, adv, mask, correct, cfg, beta, num_tokens=mask.sum().item(),
-                                 num_seqs=B, token_weight=weight)
-    batch.update(old_per_token_logps=old, importance_sampling_ratio=weight)
-    loss = trainer._compute_loss(trainer.model, batch)
-    torch.testing.assert_close(loss, loss_ref)
-    names = [n for n, _ in reference.named_parameters()]
-    grads_ref = torch.autograd.grad(loss_ref, list(reference.parameters()), allow_unused=True)
-    grads = torch.autograd.grad(loss, list(trainer.model.parameters()), allow_unused=True)
-    assert loss_ref.abs().item() > 0 and any(gr is not None and gr.abs().max() > 0 for gr in grads_ref)
-    for name, a, b in zip(names, grads, grads_ref, strict=True):
-        if b is None:
-            assert a is None or a.abs().max() == 0, name
-        else:
-            torch.testing.assert_close(a, b, msg=name)
+def test_loo_enumeration_covers_every_mask_kdrl_accepts_with_loo():
+    """test_kdrl's enumeration of the leave-one-out baseline (test_enum_leave_one_out_kd_baseline_keeps_the_expected_
+    gradient) runs over _LOO_MASKS: exactly the masks validate_config accepts with kd_baseline="loo"."""
+    accepted = tuple(m for m in train._CHOICES["kd_mask"] if _loo_accepted(m))
+    assert accepted == _LOO_MASKS == ("none", "response")
 
 
-def _trl_argv(root: Path, out: Path, *extra):
-    """_argv pinned to CPU, for the tests of refusals and of 2 processes over gloo, which run on CPU anywhere."""
-    return [*_argv(root, out, *extra), "--device", "cpu"]
+def test_loo_baseline_with_group_mask_is_refused_by_name():
+    """validate_config names the fields, the reason and the way out; the alternatives it suggests are accepted."""
+    cfg = kdrl.KDRLConfig.from_method("kdrl-seq", kd_mask="group")  # kd_baseline="loo" is the default
+    with pytest.raises(kdrl.KDRLError) as err:
+        train.validate_config(cfg)
+    message = str(err.value)
+    reason = "depends on whether this response is correct"
+    for part in ("kd_baseline='loo'", "kd_mask='group'", "kd_mode='reward'", reason, "kd_baseline='none'"):
+        assert part in message
+    train.validate_config(dataclasses.replace(cfg, kd_baseline="none"))  # the ways out are accepted
+    train.validate_config(dataclasses.replace(cfg, kd_mask="response"))
+    train.validate_config(dataclasses.replace(cfg, kd_mode="loss", method="kdrl-mask"))  # loss mode has no baseline
+    # kdrl_loss, which people copy without validate_config, refuses it too
+    logp = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="kd_baseline='loo' with kd_mask='group'"):
+        kdrl.kdrl_loss(logp, logp.detach(), logp.detach(), torch.zeros(2), mask, torch.zeros(2, dtype=torch.bool),
+                       dataclasses.replace(cfg, group_size=2), 0.1)
 
 
-@pytest.mark.parametrize("method", ["grpo", "kdrl", "kdrl-mask", "kdrl-seq", "rlad"])
-def test_trl_two_real_steps(kdrl_trl, pair, tmp_path, method, capsys):
-    """Two steps through TRL with its own sampler, on DEVICE (a GPU: TRL's bf16 mixed precision, from dtype auto); one
-    metrics line per step; a checkpoint plain transformers loads."""
-    out = tmp_path / method
-    seq = ("--kd-baseline", "none") if method == "kdrl-seq" else ()
-    assert kdrl_trl.main(_argv(pair, out, "--method", method, *seq)) == 0
-    assert "tokens/s" in capsys.readouterr().out
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1]
-    assert {"pg_loss", "clip_frac", "ratio", "kd_frac", "beta", "reward"} <= set(rows[0])
-    assert ({"kd_loss", "kl_k1"} <= set(rows[0])) == (method != "grpo")  # grpo scores no teacher: no KL metrics
-    assert rows[0]["beta"] == kdrl.METHODS[method].get("beta", kdrl.KDRLConfig.beta)
-    saved = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
-    assert json.loads((out / "checkpoint" / "kdrl_config.json").read_text())["method"] == method
-    if method in ("kdrl", "kdrl-mask", "kdrl-seq"):  # a teacher term moves the weights even when every reward is 0
-        w0 = AutoModelForCausalLM.from_pretrained(pair / "student").state_dict()
-        assert not all(torch.equal(w0[k], v) for k, v in saved.state_dict().items())
+# -----------------------------------------------------------------------------
+# 2. The exact KL and the loss's reductions under bfloat16 autocast, against float64.
 
 
-def test_trl_refuses_bad_input_like_kdrl(kdrl_trl, pair, tmp_path, capsys):
-    """The same clear errors as kdrl.py, exit code 1, nothing saved: another tokenizer, malformed JSONL, a missing
-    path, and the two presets this integration cannot run exactly."""
-    out = tmp_path / "o"
-
-    def fails(argv, *needles):
-        assert kdrl_trl.main(argv) == 1
-        err = capsys.readouterr().err
-        assert all(n in err for n in needles), err
-
-    other = char_tokenizer(CHARS)
-    other.eos_token = "#"
-    teacher = tmp_path / "teacher"
-    _tiny("qwen2", 32, 1).save_pretrained(teacher)
-    other.save_pretrained(teacher)
-    fails(_trl_argv(pair, out, "--teacher", str(teacher)), "tokenizers differ", "eos_token_id")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "1+1=", "answer": 2}\n{"prompt": "2+2=", "answer": 4\n')
-    fails(_trl_argv(pair, out, "--train", str(bad)), "bad.jsonl, line 2", "malformed JSON")
-    fails(_trl_argv(pair, out, "--student", str(tmp_path / "nomodel")), "--student", "no such directory")
-    fails(_trl_argv(pair, out, "--method", "sft"), "SFTTrainer")
-    fails(_trl_argv(pair, out, "--method", "kdrl-full"), "kdrl-full", "run it with kdrl.py")
-    fails(_trl_argv(pair, out, "--method", "kdrl-seq"), "--kd-baseline none")
-    assert not (out / "checkpoint").exists()
-    with pytest.raises(kdrl.KDRLError, match="9 responses do not split over 2 processes"):
-        kdrl_trl.grpo_config(kdrl.KDRLConfig(prompts_per_step=3, group_size=3), 2)
+def _bf16_autocast(enabled: bool = True) -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
-class _RecordingTrainer:
-    """GRPOTrainer or KDRLTrainer as bench_trl sees it, with no model call: each of args.max_steps steps calls the
-    callbacks as Trainer does, and every mean completion length is 5."""
-
-    def __init__(self, *positional, args, callbacks, **kwargs):
-        self.args, self.callbacks = args, list(callbacks)
-        self._metrics = {"train": {"completions/mean_length": [5.0]}}
-
-    def add_callback(self, callback):
-        self.callbacks.append(callback)
-
-    def train(self):
-        for _ in range(self.args.max_steps):
-            for hook in ("on_step_begin", "on_step_end"):
-                for callback in self.callbacks:
-                    getattr(callback, hook)(self.args, None, None)
+def _ref_kl(s, t):
+    """KL(softmax(s) ‖ softmax(t)) per row, float64, from the definition."""
+    logp, logq = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def test_bench_trl_runs_trl_and_kdrl_on_one_device_and_dtype(kdrl_trl, pair, monkeypatch, capsys):
-    """bench_trl compares like with like: the three TRL runs and kdrl.py's bench() get the same device and dtype,
-    the one its first line names. Seen from a CUDA machine (torch.cuda stubbed, the trainers and bench() recorded),
-    where "auto" is cuda and bfloat16 autocast: the TRL runs used to be pinned to CPU while bench() took the GPU."""
-    import trl
-
-    import train_tiny
-
-    trl_sides, kdrl_side = [], []
-
-    def recording_grpo_config(cfg, processes, **options):
-        trl_sides.append((cfg.device, cfg.dtype))
-        return types.SimpleNamespace(max_steps=cfg.steps * cfg.mu)
-
-    def recording_bench(model_dir, steps, warmup, device="auto", dtype="auto"):
-        kdrl_side.append((device, dtype))
-        return ["bench kdrl ..."]
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name in ("synchronize", "reset_peak_memory_stats"):
-        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args, **kwargs: 3 * 2**20)
-    monkeypatch.setattr(kdrl_trl, "grpo_config", recording_grpo_config)
-    monkeypatch.setattr(kdrl_trl, "KDRLTrainer", _RecordingTrainer)
-    monkeypatch.setattr(trl, "GRPOTrainer", _RecordingTrainer)
-    monkeypatch.setattr(train_tiny, "bench", recording_bench)
-    lines = train_tiny.bench_trl(str(pair / "student"), steps=2, warmup=1)
-    assert trl_sides == [("cuda", "auto")] * 3 and kdrl_side == [("cuda", "auto")]
-    printed = capsys.readouterr().out
-    assert "all on cuda, bfloat16 autocast over float32 weights" in printed.splitlines()[0]
-    assert [line.split()[1] for line in lines] == ["trl-grpo", "kdrl_trl-grpo", "kdrl_trl-kdrl", "kdrl"]
-    assert all(line.endswith("mean_len=5.0 peak_mib=3") for line in lines[:3]), lines
+@pytest.mark.parametrize("V, N", [(5000, 12), (151936, 4)])
+def test_full_kl_is_float32_exact_under_bf16_autocast(V, N):
+    """full_kl of float32 logits under CPU bfloat16 autocast, and without it: value and gradient within float32
+    rounding of the float64 definition (also at Qwen2.5's V = 151,936), and each gradient row sums to 0 up to the
+    rounding of its own terms. Before the fix, autocast ran the Σ_v of the value as a bfloat16 bmm."""
+    s64, t64, g_out = _logits(N, V, seed=1), _logits(N, V, seed=2), _logits(N, seed=3, scale=1.0)
+    s_ref = s64.clone().requires_grad_(True)
+    ref = _ref_kl(s_ref, t64)  # (N,)
+    (ref_grad,) = torch.autograd.grad((ref * g_out).sum(), s_ref)  # (N, V)
+    tol = _f32_tol(s64, t64)  # (N,)
+    for autocast in (False, True):
+        s = s64.float().requires_grad_(True)
+        with _bf16_autocast(autocast):
+            out = kdrl.full_kl(s, t64.float(), chunk_size=3)  # (N,), in chunks of 3 rows
+            (out * g_out.float()).sum().backward()
+        assert out.dtype == s.grad.dtype == torch.float32
+        assert ((out.double() - ref.detach()).abs() <= tol).all()
+        assert ((s.grad.double() - ref_grad).abs() <= tol[:, None] * g_out.abs()[:, None]).all()
+        row_sums = s.grad.double().sum(-1).abs()  # (N,): Σ_v p (log p − log q − KL) = 0
+        assert (row_sums <= 16 * _U32 * s.grad.double().abs().sum(-1)).all()
+    assert ref_grad.abs().max() > 1000 * tol.max()  # the tolerance is far below the signal
 
 
-_DDP_DRIVER = """
-import sys, torch
-sys.path.insert(0, {repo!r})
-import kdrl_trl, test_kdrl
-cfg, options = kdrl_trl.parse(sys.argv[1:])
-# Adam's first step is lr·g/(|g| + eps): with eps = 1 it is ≈ lr·g, so the weights compare the gradients linearly
-# (with eps = 1e-8 it is ≈ lr·sign(g), which turns float rounding in near-zero gradients into whole steps)
-trainer = kdrl_trl.run(cfg, dict(options, adam_epsilon=1.0), rollout_func=test_kdrl._fixed_rollouts)
-model = trainer.accelerator.unwrap_model(trainer.model)
-state = {{k: v.detach().clone() for k, v in model.state_dict().items()}}
-torch.save(state, f"{{cfg.out}}/rank{{trainer.accelerator.process_index}}.pt")
-kdrl_trl.shutdown()
-"""
+def _heads(H, H_T, V, seed=0):
+    """Two output heads padded past V to different widths, as Qwen2.5-0.5B and 7B are."""
+    torch.manual_seed(seed)
+    return torch.nn.Linear(H, V + 3, bias=False), torch.nn.Linear(H_T, V + 7, bias=False).requires_grad_(False)
 
 
-def test_trl_two_processes_equal_one(kdrl_trl, pair, tmp_path):
-    """Data parallel over gloo: 2 processes (torchrun, ACCELERATE_USE_CPU=1) on a fixed global batch end one step with
-    the same weights as 1 process (to float32 rounding), and identical weights on both ranks. kdrl-seq's seq-mean
-    and kdrl's token-mean normalisers both have to be right for this to hold."""
-    repo = Path(__file__).parent
-    driver = tmp_path / "driver.py"
-    driver.write_text(_DDP_DRIVER.format(repo=str(repo)))
-    env = {**__import__("os").environ, "ACCELERATE_USE_CPU": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
-           "OMP_NUM_THREADS": "1"}
-    for method, agg in (("kdrl", "token-mean"), ("kdrl-seq", "seq-mean")):
-        flags = ("--method", method, "--loss-agg", agg, "--kd-baseline", "none", "--steps", "1",
-                 "--prompts-per-step", "4", "--lr", "1e-2", "--beta", "0.5")
-        one, two = tmp_path / f"{method}-1", tmp_path / f"{method}-2"
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        for out, launcher in ((one, [sys.executable]), (two, torchrun)):
-            r = subprocess.run([*launcher, str(driver), *_trl_argv(pair, out, *flags)], capture_output=True, text=True,
-                               env=env, cwd=repo)
-            assert r.returncode == 0, r.stderr[-3000:]
-        a, b, c = (torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt"))
-        w0 = AutoModelForCausalLM.from_pretrained(pair / "student").state_dict()
-        assert max((a[k] - w0[k]).abs().max().item() for k in a) > 1e-4  # the step moved the weights
-        assert all(torch.equal(b[k], c[k]) for k in b)
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-7, msg=k)
-        # The logged metrics too: the 2-process pg_loss and kd_loss are the 1-process (full-batch) ones, and TRL's
-        # own loss is pg_loss + β·kd_loss (kdrl-seq's KD is a reward, inside pg_loss)
-        rows = [json.loads((out / "metrics.jsonl").read_text()) for out in (one, two)]
-        assert rows[0]["kd_loss"] > 1e-3
-        for key in ("pg_loss", "kd_loss"):
-            assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-6, abs=1e-7), (key, rows)
-        for row in rows:
-            kd_term = row["beta"] * row["kd_loss"] if method == "kdrl" else 0.0
-            assert row["loss"] == pytest.approx(row["pg_loss"] + kd_term, rel=1e-6, abs=1e-7), row
+def test_head_logprobs_kl_is_float32_exact_under_bf16_autocast():
+    """The chunked path under CPU bfloat16 autocast (kdrl's update on CUDA with dtype=auto). The output heads run in
+    bfloat16, as the model does; everything after them (the tempered log-softmax gather, the exact KL and its
+    gradient) is within float32 rounding of float64 computed from the same bfloat16 logits. With identity heads
+    (rows that are already float32 logits) the gradient is checked too."""
+    V, N, tau = 5000, 13, 0.7
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(4))
+    head, teacher_head = _heads(16, 24, V)
+    hidden, teacher_hidden = _logits(N, 16, seed=5, scale=1.5).float(), _logits(N, 24, seed=6, scale=1.5).float()
+    with _bf16_autocast(), torch.no_grad():
+        logits, teacher_logits = head(hidden), teacher_head(teacher_hidden)  # (N, V + 3), (N, V + 7)
+        logp, kl = kdrl.head_logprobs_and_kl(head, hidden, targets, tau, V, teacher_head, teacher_hidden, chunk_size=5)
+    assert logits.dtype == torch.bfloat16  # the head itself is bfloat16 under autocast: expected
+    s, t = logits[:, :V].double() / tau, teacher_logits[:, :V].double() / tau  # (N, V) each
+    tol = _f32_tol(s, t)  # (N,)
+    assert logp.dtype == kl.dtype == torch.float32
+    assert ((logp.double() - torch.log_softmax(s, -1).gather(1, targets[:, None]).squeeze(1)).abs() <= tol).all()
+    assert ((kl.double() - _ref_kl(s, t)).abs() <= tol).all()
+
+    # identity heads: float32 logits in, so the float64 reference of the gradient is exact
+    s_ref = logits[:, :V].double().requires_grad_(True)
+    ref_logp = torch.log_softmax(s_ref / tau, -1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+    ref_kl = _ref_kl(s_ref / tau, t)  # (N,)
+    (ref_grad,) = torch.autograd.grad((ref_logp + ref_kl).sum(), s_ref)  # (N, V)
+    x = logits[:, :V].float().requires_grad_(True)
+    with _bf16_autocast():
+        logp, kl = kdrl.head_logprobs_and_kl(torch.nn.Identity(), x, targets, tau, V, torch.nn.Identity(),
+                                             teacher_logits.float(), chunk_size=5)
+        (logp + kl).sum().backward()
+    assert ((logp.double() - ref_logp.detach()).abs() <= tol).all()
+    assert ((kl.double() - ref_kl.detach()).abs() <= tol).all()
+    assert ((x.grad.double() - ref_grad).abs() <= tol[:, None] / tau).all()
 
 
-def test_readme_maps_every_config_field_to_trl(kdrl_trl):
-    """The README's "Beyond one GPU" table has a row for every KDRLConfig field, so it cannot drift silently."""
-    readme = (Path(__file__).parent / "README.md").read_text()
-    section = readme[readme.index("## Beyond one GPU"):]
-    for f in dataclasses.fields(kdrl.KDRLConfig):
-        assert f"| `{f.name}` |" in section, f.name
-    assert kdrl_trl.LOSS_TYPE == {"token-mean": "dapo", "seq-mean": "grpo", "constant": "dr_grpo"}
+def test_token_logprobs_kl_teacher_is_float32_exact_under_bf16_autocast():
+    """token_logprobs_and_kl under CPU bfloat16 autocast: its log-probs and exact KL are within float32
+    rounding of float64 computed from the models' own bfloat16 logits at the response positions (each rebuilt from
+    the final hidden states that token_logprobs_and_hidden gives, by the same head under the same autocast)."""
+    tok = char_tokenizer(CHARS)
+    V, tau = len(tok), 0.9
+    student, teacher = _tiny("llama", 24, 0), _tiny("qwen2", 32, 1).requires_grad_(False)
+    ro = _rollouts_for(tok, student, ["12+3=", "7=", "1+1+1="], group_size=3, max_new_tokens=9, temperature=tau)
+    mask = ro.response_mask  # (B, T)
+    kw = dict(temperature=tau, vocab_size=V, chunk_size=5)
+    with _bf16_autocast():
+        with torch.no_grad():
+            _, t_hidden = kdrl.token_logprobs_and_hidden(teacher, ro.input_ids, ro.attention_mask, mask, **kw)
+            _, s_hidden = kdrl.token_logprobs_and_hidden(student, ro.input_ids, ro.attention_mask, mask, **kw)
+            s_logits = student.get_output_embeddings()(s_hidden)  # (B, T, 24) bfloat16
+            t_logits = teacher.get_output_embeddings()(t_hidden)  # (B, T, 32) bfloat16
+        logp, kl = kdrl.token_logprobs_and_kl(student, ro.input_ids, ro.attention_mask, mask,
+                                              teacher.get_output_embeddings(), t_hidden, **kw)
+    s, t = s_logits[..., :V].double() / tau, t_logits[..., :V].double() / tau  # (B, T, V) each
+    ref_logp = torch.log_softmax(s, -1).gather(2, ro.response_ids[..., None]).squeeze(-1)  # (B, T)
+    tol = _f32_tol(s, t)[mask]  # (n,)
+    assert ((logp.double() - ref_logp)[mask].abs() <= tol).all()
+    assert ((kl.double() - _ref_kl(s, t))[mask].abs() <= tol).all()
+    assert _ref_kl(s, t)[mask].min() > 1000 * tol.max()  # the models differ by far more than the tolerance
+
+
+def test_kdrl_loss_and_gradient_under_bf16_autocast_equal_float32():
+    """Given the same float32 inputs, every method's loss, metrics and gradient are bit for bit the same under CPU
+    bfloat16 autocast as without it: no reduction of the loss (the aggregations, the masked means, kdrl-seq's
+    returns and leave-one-out baseline, kdrl-full's exact KL through full_kl) is downcast."""
+    B, T, V, G = 6, 5, 300, 3
+    lengths = torch.tensor([5, 3, 1, 4, 5, 2])
+    mask = torch.arange(T)[None, :] < lengths[:, None]  # (B, T)
+    s_logits, t_logits = _logits(B, T, V, seed=7).float(), _logits(B, T, V, seed=8).float()
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(9))
+    advantages = torch.linspace(-1, 1, B)
+    correct = torch.tensor([False, True, False, False, False, False])
+    methods = dict(kdrl={}, kdrl_mask=dict(kd_mask="group"), kdrl_seq=dict(kd_baseline="loo"), rlad={},
+                   kdrl_full={}, kd={})
+    for name, overrides in methods.items():
+        cfg = kdrl.KDRLConfig.from_method(name.replace("_", "-"), group_size=G, max_new_tokens=T, **overrides)
+        train.validate_config(cfg)
+        results = []
+        for autocast in (False, True):
+            s = s_logits.clone().requires_grad_(True)
+            with _bf16_autocast(autocast):
+                lsm = torch.log_softmax(s, -1)  # (B, T, V)
+                logp = lsm.gather(2, targets[..., None]).squeeze(-1)  # (B, T)
+                teacher_logp = torch.log_softmax(t_logits, -1).gather(2, targets[..., None]).squeeze(-1)  # (B, T)
+                old_logp = logp.detach() + 0.1 * torch.sin(torch.arange(B * T).view(B, T).float())
+                exact_kl = kdrl.full_kl(s, t_logits) if cfg.kd_kind == "full" else None  # (B, T)
+                loss, metrics = kdrl.kdrl_loss(logp, old_logp, teacher_logp, advantages, mask, correct, cfg, 0.3,
+                                               exact_kl=exact_kl)
+                loss.backward()
+            assert loss.dtype == torch.float32
+            results.append((loss.detach(), metrics, s.grad))
+        (loss32, metrics32, grad32), (loss_ac, metrics_ac, grad_ac) = results
+        assert torch.equal(loss_ac, loss32), name
+        assert metrics_ac == metrics32, name
+        assert torch.equal(grad_ac, grad32), name
+        assert grad32.abs().max() > 0, name

@@ -33,7 +33,7 @@ need `7+7+1=15`, a step that never appears in training. The two kinds are report
 Pipeline: (1) the teacher is trained on the carry-dropping solutions until it reproduces them, and cached under
 <out>/cache/teacher-<hash of its settings>; (2) for each seed, a smaller student gets its brief supervised start;
 (3) from that same student, every arm (a kdrl.METHODS preset, or kdrl at another β) is post-trained with
-kdrl.train on the same rollout budget, in segments (kdrl.train's bit-exact --resume) with an evaluation after
+train.train on the same rollout budget, in segments (train.train's bit-exact --resume) with an evaluation after
 each; (4) results.md (table), results.json (raw numbers), curves.png (curves) and one metrics.jsonl per run.
 
 The learning rate (one for every arm) was chosen for GRPO, the baseline, on the validation split: see
@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
 import kdrl
+import train
 
 # -----------------------------------------------------------------------------
 # Presets: one dataclass, one instance per preset.
@@ -363,7 +364,7 @@ def get_student(p: Preset, tok, data, seed: int, device):
 
 
 # -----------------------------------------------------------------------------
-# Post-training: every arm from the same student, via kdrl.train, in segments with an evaluation after each.
+# Post-training: every arm from the same student, via train.train, in segments with an evaluation after each.
 
 
 def arm_config(arm: str, p: Preset, seed: int, out: Path) -> kdrl.KDRLConfig:
@@ -382,7 +383,7 @@ def arm_config(arm: str, p: Preset, seed: int, out: Path) -> kdrl.KDRLConfig:
 
 
 def run_arm(arm, p, seed, student0, teacher, tok, data, start: dict, out: Path) -> dict:
-    """Post-train a copy of student0 with `arm` in eval_points segments (kdrl.train runs resumed from the last one,
+    """Post-train a copy of student0 with `arm` in eval_points segments (train.train runs resumed from the last one,
     bit-exact), evaluating on the curves' subsets after each but the last, and on the full test after the last.
     `start`: the student's evaluation before post-training, the curve's first point."""
     cfg = arm_config(arm, p, seed, out / f"{arm}-seed{seed}")
@@ -395,8 +396,8 @@ def run_arm(arm, p, seed, student0, teacher, tok, data, start: dict, out: Path) 
     for segment, end in enumerate(ends):
         t0 = time.time()
         segment_cfg = replace(cfg, steps=end, resume=segment > 0)
-        with contextlib.redirect_stdout(io.StringIO()):  # kdrl.train's own time line, once per segment
-            kdrl.train(segment_cfg, student, teacher, tok, data["train"], kdrl.math_reward)
+        with contextlib.redirect_stdout(io.StringIO()):  # train.train's own time line, once per segment
+            train.train(segment_cfg, student, teacher, tok, data["train"], kdrl.math_reward)
         wall += time.time() - t0
         if segment + 1 < len(ends):
             curve.append(dict(step=end, wall_s=wall, **evaluate(student, tok, few, p, sizes=full_sizes)))
@@ -533,7 +534,7 @@ def _kl_curve(run: Path, window: int = 10) -> list[float]:
 
 
 # -----------------------------------------------------------------------------
-# --bench: the speed anchor. GRPO and KDRL steps of kdrl.train in the setting TRL's GRPOTrainer was timed in.
+# --bench: the speed anchor. GRPO and KDRL steps of train.train in the setting TRL's GRPOTrainer was timed in.
 
 
 def _device_label(device: torch.device) -> str:
@@ -544,21 +545,21 @@ def _device_label(device: torch.device) -> str:
 
 
 def _dtype_label(dtype: str, device: torch.device) -> str:
-    """A bench header's dtype: what cfg.dtype resolves to on `device` (kdrl._compute_dtype)."""
-    if kdrl._compute_dtype(dtype, device) == torch.bfloat16:
+    """A bench header's dtype: what cfg.dtype resolves to on `device` (kdrl.compute_dtype)."""
+    if kdrl.compute_dtype(dtype, device) == torch.bfloat16:
         return "bfloat16 autocast over float32 weights"
     return "float32"
 
 
 def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2, device: str = "auto",
           dtype: str = "auto") -> list[str]:
-    """Time kdrl.train's GRPO and KDRL steps: a tiny Llama (6 layers, hidden 256) as student *and* teacher,
+    """Time train.train's GRPO and KDRL steps: a tiny Llama (6 layers, hidden 256) as student *and* teacher,
     8 addition prompts × 8 samples, ≤ 48 new tokens at temperature 1, μ = 1, on `device` ("auto": CUDA when
     available; CPU with 2 threads) in kdrl's compute dtype there (dtype "auto": bfloat16 autocast over float32 weights
     on CUDA, float32 on CPU), both named in the first line. Prints the median step after `warmup` steps, its
     breakdown, non-pad tokens/s, and one `bench ...` line per method; on CUDA the line ends with peak_mib, the most
     memory allocated during that method's run (torch.cuda.max_memory_allocated)."""
-    device = kdrl.resolve_device(device)
+    device = train.resolve_device(device)
     if device.type == "cpu":
         torch.set_num_threads(2)
     tok, model = bench_model(model_dir)
@@ -579,7 +580,7 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2, device:
                                           out=str(out), progress=False, device=device.type, dtype=dtype)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        kdrl.train(cfg, student, model, tok, data, kdrl.math_reward)
+        train.train(cfg, student, model, tok, data, kdrl.math_reward)
         peak = f" peak_mib={torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else ""
         logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         rows = [row for row in logged if not row.get("eval")][warmup:]  # the timed steps
@@ -600,21 +601,21 @@ def bench(model_dir: str | None = None, steps: int = 6, warmup: int = 2, device:
 def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2, device: str = "auto",
               dtype: str = "auto") -> list[str]:
     """The same setting through TRL (needs requirements-trl.txt): TRL's plain GRPOTrainer at β = 0, then
-    kdrl_trl.KDRLTrainer with --method grpo and --method kdrl (the anchor model as its own teacher), each with TRL's
+    train_trl.KDRLTrainer with --method grpo and --method kdrl (the anchor model as its own teacher), each with TRL's
     sampler, one optimizer step per batch of 64, no gradient checkpointing. Then kdrl.py's own bench() in the same
     run. Every run is on one device in one dtype, named in the first line: `device` ("auto": CUDA when available;
     CPU with 2 threads) and dtype "auto", which is bfloat16 autocast over float32 weights on CUDA (TRL's bf16 mixed
     precision, kdrl's autocast) and float32 on CPU. On CUDA each line ends with the run's peak allocated memory."""
     from trl import GRPOTrainer
 
-    import kdrl_trl
+    import train_trl
 
-    device = kdrl.resolve_device(device)
+    device = train.resolve_device(device)
     if device.type == "cpu":
         torch.set_num_threads(2)
     tok, model = bench_model(model_dir)
     data = random_additions(64)
-    print(f"bench-trl: TRL's GRPOTrainer, kdrl_trl and kdrl.py, all on {device.type}, {_dtype_label(dtype, device)}")
+    print(f"bench-trl: TRL's GRPOTrainer, train_trl and kdrl.py, all on {device.type}, {_dtype_label(dtype, device)}")
 
     def math_reward_trl(prompts, completions, kdrl_index, **kwargs):
         """TRL's reward-function signature: one reward per completion; kdrl_index is the dataset column."""
@@ -624,19 +625,20 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2, dev
         ]
 
     lines = []
-    for name, method in (("trl-grpo", "grpo"), ("kdrl_trl-grpo", "grpo"), ("kdrl_trl-kdrl", "kdrl")):
+    for name, method in (("trl-grpo", "grpo"), ("train_trl-grpo", "grpo"), ("train_trl-kdrl", "kdrl")):
         out = Path(tempfile.mkdtemp(prefix=f"kdrl-bench-{name}-"))
         setting = dict(method=method, steps=steps + warmup, group_size=8, prompts_per_step=8, max_new_tokens=48,
                        temperature=1.0, mu=1, minibatch_size=64, lr=1e-6, out=str(out), progress=False,
                        device=device.type, dtype=dtype)
         cfg = kdrl.KDRLConfig.from_method(**setting)
-        args = kdrl_trl.grpo_config(cfg, 1, use_vllm=False)  # use_cpu and bf16 from cfg.device and cfg.dtype
+        args = train_trl.grpo_config(cfg, 1, use_vllm=False)  # use_cpu and bf16 from cfg.device and cfg.dtype
         timer = _StepTimes(device)
-        common = dict(args=args, train_dataset=kdrl_trl.dataset_for(tok, data), processing_class=tok, callbacks=[timer])
+        dataset = train_trl.dataset_for(tok, data)
+        common = dict(args=args, train_dataset=dataset, processing_class=tok, callbacks=[timer])
         if name == "trl-grpo":
             trainer = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=[math_reward_trl], **common)
         else:
-            trainer = kdrl_trl.KDRLTrainer(cfg, copy.deepcopy(model), copy.deepcopy(model), kdrl.math_reward, data,
+            trainer = train_trl.KDRLTrainer(cfg, copy.deepcopy(model), copy.deepcopy(model), kdrl.math_reward, data,
                                            **common)
         lengths = []
         trainer.add_callback(_MeanLength(trainer, lengths))
@@ -645,7 +647,7 @@ def bench_trl(model_dir: str | None = None, steps: int = 6, warmup: int = 2, dev
         trainer.train()
         peak = f" peak_mib={torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else ""
         shutil.rmtree(out, ignore_errors=True)
-        phase_totals = getattr(trainer, "kdrl_timer", {})  # kdrl_trl's breakdown, summed over all steps
+        phase_totals = getattr(trainer, "kdrl_timer", {})  # train_trl's breakdown, summed over all steps
         phases = ("sampling", "teacher", "update")
         mean_per_step = {phase: phase_totals.get(phase, 0.0) / (steps + warmup) for phase in phases}
         breakdown = " ".join(f"{phase}_s={seconds:.2f}" for phase, seconds in mean_per_step.items())
@@ -690,7 +692,7 @@ class _MeanLength(TrainerCallback):
 
 def save_pair(out: Path) -> None:
     """A tiny random student and teacher (different seeds, one tokenizer) and a JSONL of 64 additions, to try the
-    kdrl.py and kdrl_trl.py command lines on without downloading anything. Untrained: for plumbing, not results."""
+    kdrl.py and train_trl.py command lines on without downloading anything. Untrained: for plumbing, not results."""
     tok = char_tokenizer()
     arch = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
     for name, seed in (("student", 0), ("teacher", 1)):
@@ -776,7 +778,7 @@ def _memory_case(pair: str, method: str, batch: int, length: int, queue) -> None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(2)
-    tok = kdrl.load_tokenizer(str(Path(pair) / "student"), "student")
+    tok = train.load_tokenizer(str(Path(pair) / "student"), "student")
     student = AutoModelForCausalLM.from_pretrained(Path(pair) / "student", dtype=torch.float32).to(device).eval()
     teacher = AutoModelForCausalLM.from_pretrained(Path(pair) / "teacher", dtype=torch.float32).to(device).eval()
     teacher.requires_grad_(False)
@@ -794,7 +796,7 @@ def _memory_case(pair: str, method: str, batch: int, length: int, queue) -> None
     correct = torch.rand(batch, generator=generator).lt(0.5).to(device)  # (B,)
     adv = kdrl.grpo_advantages(correct.double(), 8).float()  # (B,)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
-    timer = kdrl.Timer()
+    timer = train.Timer()
     for phase in ("warmup", "measured"):  # the first step allocates AdamW's state; measure the second
         if phase == "measured":
             before = _rss_mib("VmRSS")
@@ -802,11 +804,12 @@ def _memory_case(pair: str, method: str, batch: int, length: int, queue) -> None
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated() / 2**20
             _peak_rss_reset()
-            timer = kdrl.Timer()
+            timer = train.Timer()
         with timer("teacher"):
             scores = kdrl.teacher_pass(cfg, student, teacher, rollouts, V)
         with timer("update"):
-            kdrl.policy_update(cfg, student, teacher, optimizer, rollouts, adv, correct, cfg.beta, scores, V, step=0)
+            kdrl.policy_update(cfg, student, teacher, optimizer, rollouts=rollouts, advantages=adv, trained_on=correct,
+                               beta=cfg.beta, scores=scores, vocab_size=V, step=0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mib("VmHWM")
     queue.put((peak, before, timer["teacher"], timer["update"]))
 
@@ -860,7 +863,7 @@ def bench_model(model_dir: str | None = None):
     from transformers import AutoModelForCausalLM
 
     if model_dir:
-        tok = kdrl.load_tokenizer(model_dir, "bench-model")
+        tok = train.load_tokenizer(model_dir, "bench-model")
         return tok, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     tok = char_tokenizer(VOCAB)
     torch.manual_seed(0)
@@ -888,7 +891,7 @@ def lr_grid(p: Preset, lrs: list[float], out: Path, device) -> dict[float, float
         model = copy.deepcopy(student)
         cfg = replace(arm_config("grpo", p, 0, out / f"lr-{lr:g}"), lr=lr)
         with contextlib.redirect_stdout(io.StringIO()):
-            kdrl.train(cfg, model, teacher, tok, data["train"], kdrl.math_reward)
+            train.train(cfg, model, teacher, tok, data["train"], kdrl.math_reward)
         val_accuracy[lr] = accuracy(model, tok, data["val"], p)
         print(f"lr {lr:g}: grpo validation accuracy {val_accuracy[lr]:.1%}")
     return val_accuracy
@@ -1031,7 +1034,7 @@ def main(argv=None) -> dict:
                         help="with --bench: a saved causal LM to use as student and teacher "
                              "(default: build the anchor model)")
     parser.add_argument("--bench-trl", action="store_true",
-                        help="--bench through TRL too: plain GRPOTrainer, kdrl_trl grpo and kdrl "
+                        help="--bench through TRL too: plain GRPOTrainer, train_trl grpo and kdrl "
                              "(requirements-trl.txt)")
     parser.add_argument("--bench-memory", action="store_true",
                         help="peak memory and time of a kdrl vs kdrl-full step, 151,665-token vocabulary "
@@ -1053,7 +1056,7 @@ def main(argv=None) -> dict:
             if not result["ok"]:
                 raise SystemExit(1)
             return result
-        device = kdrl.resolve_device(args.device)
+        device = train.resolve_device(args.device)
     except kdrl.KDRLError as e:
         parser.error(str(e))
     if args.bench_trl:

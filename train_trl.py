@@ -1,16 +1,16 @@
 """
-kdrl_trl.py: kdrl's exact loss inside Hugging Face TRL's GRPOTrainer, for runs that outgrow one GPU.
+train_trl.py: kdrl's exact loss inside Hugging Face TRL's GRPOTrainer, for runs that outgrow one GPU.
 
-kdrl.py runs on one device. This file runs the *same* algorithm on TRL's engine, which brings data parallelism
-(DDP), DeepSpeed ZeRO-1/2/3 and FSDP through accelerate, and vLLM generation. It re-implements none of kdrl's
-math: the loss is a call to kdrl.kdrl_loss (and through it the KL estimators, TRRD, the KD masks and reward-mode
-KD), β comes from kdrl.beta_schedule, advantages from kdrl.grpo_advantages, rewards and correctness from
+train.py runs kdrl.py's method on one device. This file runs the *same* algorithm on TRL's engine, which brings
+data parallelism (DDP), DeepSpeed ZeRO-1/2/3 and FSDP through accelerate, and vLLM generation. It re-implements
+none of kdrl's math: the loss is a call to kdrl.kdrl_loss (and through it the KL estimators, TRRD, the KD masks and
+reward-mode KD), β comes from kdrl.beta_schedule, advantages from kdrl.grpo_advantages, rewards and correctness from
 kdrl.score_completions, and the log-probs from kdrl.head_logprobs. What this file adds is the plumbing:
 
 - a teacher, loaded from a local path and prepared exactly the way GRPOTrainer prepares its own reference model
   (prepare_deepspeed under DeepSpeed, prepare_fsdp under FSDP, accelerator.prepare_model(evaluation_mode=True)
   otherwise), dropout off, scored at the sampling temperature, once per generation batch, without grad;
-- log-probs over the tokenizer's columns only (padded logit columns carry no probability, as in kdrl.py): every
+- log-probs over the tokenizer's columns only (padded logit columns carry no probability, as in train.py): every
   forward pass goes through the wrapped model, so DDP, ZeRO-3 and FSDP see it, and the output head runs on chunks
   of the final hidden states, so no (B, T, V) tensor is built;
 - normalisers that are right under gradient accumulation and data parallelism. One kdrl step is one TRL
@@ -31,26 +31,26 @@ kdrl.score_completions, and the log-probs from kdrl.head_logprobs. What this fil
   samples and scores in train mode, where HF attention applies it.
 
 Refused, with an error that says why: the sft and sft-all presets (not policy-gradient methods; use TRL's SFTTrainer on
-the teacher's correct samples), and kd_kind="full" (kdrl-full): kdrl.py computes it without (B, T, V) logits by
+the teacher's correct samples), and kd_kind="full" (kdrl-full): train.py computes it without (B, T, V) logits by
 keeping the teacher's final hidden states and calling its output head chunk by chunk inside the update, which here
 would mean carrying (B, T, H) states through TRL's batch shuffling and calling a head that ZeRO-3 / FSDP shard
 outside the teacher's forward. kd_baseline="loo" (kdrl-seq's default) is refused: its leave-one-out baseline needs
 whole groups in each micro-batch, which TRL's shuffle splits (pass --kd-baseline none). Multimodal inputs are refused
 too: kdrl trains text-only models.
 
-Differences from kdrl.py's own loop, all from TRL: the data order (TRL's seeded sampler, not batch_for_step),
+Differences from train.py's own loop, all from TRL: the data order (TRL's seeded sampler, not batch_for_step),
 the sampler (transformers' generate or vLLM, not kdrl.sample_rollouts), checkpoints (TRL's checkpoint-N folders,
 and a final save_pretrained folder <out>/checkpoint), and the step counter: TRL counts optimizer steps, so
 max_steps = steps × μ and β is scheduled at global_step // μ, the kdrl step. Two more: --resume is TRL's
-resume_from_checkpoint, which does not compare the config with the checkpoint's as kdrl.py does (metrics.jsonl is
-trimmed as kdrl.py's is: the rows before the checkpoint resumed from stay); and the end ids are TRL's: the
+resume_from_checkpoint, which does not compare the config with the checkpoint's as train.py does (metrics.jsonl is
+trimmed as train.py's is: the rows before the checkpoint resumed from stay); and the end ids are TRL's: the
 tokenizer's EOS and the student's generation_config ids (kdrl.end_token_ids also adds the teacher's).
 Logging is TRL's too: it logs every optimizer step (its console lines and <out>/metrics.jsonl), so --log-every,
-which sets kdrl.py's `|`-separated line, is not used here. As in kdrl.py, kl_k1, kl_k3 and kd_loss are logged only
+which sets train.py's `|`-separated line, is not used here. As in train.py, kl_k1, kl_k3 and kd_loss are logged only
 when a teacher is scored.
 
-Run:  python kdrl_trl.py --student PATH --teacher PATH --train data.jsonl --method kdrl --steps 100
-      accelerate launch [--config_file zero3.yaml] kdrl_trl.py ...   (see the README, "Beyond one GPU")
+Run:  python train_trl.py --student PATH --teacher PATH --train data.jsonl --method kdrl --steps 100
+      accelerate launch [--config_file zero3.yaml] train_trl.py ...   (see the README, "Beyond one GPU")
 """
 from __future__ import annotations
 
@@ -74,6 +74,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 
 import kdrl
+import train
 
 # loss_agg ↔ TRL's loss_type: the normaliser each one divides the summed per-token loss by.
 LOSS_TYPE = {"token-mean": "dapo", "seq-mean": "grpo", "constant": "dr_grpo"}
@@ -150,8 +151,8 @@ class KDRLTrainer(GRPOTrainer):
     """GRPOTrainer whose loss is kdrl.kdrl_loss with a separate teacher. See the module docstring.
 
     cfg: the KDRLConfig (any kdrl.METHODS preset but sft, sft-all and kdrl-full); teacher: a model or a local path;
-    reward_fn(prompt, completion, example) -> float as in kdrl.py (1.0 = correct); examples: the rows the
-    train_dataset's "kdrl_index" column points into (they reach reward_fn whole, as in kdrl.py).
+    reward_fn(prompt, completion, example) -> float as in train.py (1.0 = correct); examples: the rows the
+    train_dataset's "kdrl_index" column points into (they reach reward_fn whole, as in train.py).
     """
 
     def __init__(self, cfg: kdrl.KDRLConfig, model, teacher, reward_fn: Callable, examples: list[dict], **kwargs):
@@ -165,17 +166,17 @@ class KDRLTrainer(GRPOTrainer):
         if args.beta != 0.0:
             raise kdrl.KDRLError("GRPOConfig.beta must be 0: kdrl's β (cfg.beta) is the KD coefficient to the teacher")
         self.cfg, self.reward_fn, self.examples = cfg, reward_fn, examples
-        self.kdrl_timer, self.kdrl_tokens, self._window = kdrl.Timer(), 0, []
+        self.kdrl_timer, self.kdrl_tokens, self._window = train.Timer(), 0, []
         super().__init__(model=model, reward_funcs=[self.kdrl_reward], **kwargs)
         self.vocab_size = len(self._tokenizer)
         if cfg.temperature != self.temperature:
             raise kdrl.KDRLError(
                 f"cfg.temperature={cfg.temperature} differs from GRPOConfig.temperature={self.temperature}"
             )
-        self.needs_teacher = max(cfg.beta, cfg.beta_min or 0.0) > 0 or cfg.trrd_alpha is not None
+        self.needs_teacher = kdrl.needs_teacher(cfg)
         # TRL's disable_dropout zeroes nn.Dropout modules only; HF attention applies its float attention_dropout in
         # train mode, the mode TRL samples and scores in: kdrl's switch zeroes both, so every pass sees one policy.
-        kdrl._disable_dropout(self.model)
+        train.disable_dropout(self.model)
         add_kdrl_head(self.model, self.temperature, self.vocab_size, cfg.logprob_chunk)
         self.teacher = self._prepare_teacher(teacher) if self.needs_teacher else None
 
@@ -187,9 +188,9 @@ class KDRLTrainer(GRPOTrainer):
         """Exactly as GRPOTrainer prepares its reference model, plus kdrl's head at the sampling temperature."""
         if isinstance(teacher, (str, Path)):
             dtype = torch.bfloat16 if self.args.bf16 else torch.float32
-            teacher = kdrl.load_model(str(teacher), torch.device("cpu"), dtype, "teacher")
+            teacher = train.load_model(str(teacher), torch.device("cpu"), dtype, "teacher")
         teacher.requires_grad_(False).eval()
-        kdrl._disable_dropout(teacher)
+        train.disable_dropout(teacher)
         add_kdrl_head(teacher, self.temperature, self.vocab_size, self.cfg.logprob_chunk)
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(teacher, self.accelerator)
@@ -205,7 +206,7 @@ class KDRLTrainer(GRPOTrainer):
     ):
         """(B, logits_to_keep) float32 log-probs of the completion tokens at the sampling temperature."""
         if any(v is not None for v in multimodal.values()):
-            raise kdrl.KDRLError("kdrl_trl trains text-only models: multimodal inputs are not supported")
+            raise kdrl.KDRLError("train_trl trains text-only models: multimodal inputs are not supported")
         B, T = input_ids.shape[0], logits_to_keep
         P = input_ids.shape[1] - T
         # Without grad (teacher, old policy), rows run in buckets of similar length, each trimmed to its longest
@@ -317,7 +318,7 @@ class KDRLTrainer(GRPOTrainer):
         return loss
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
-        """TRL's logging, plus one JSON line per logged step in <out>/metrics.jsonl, as kdrl.py writes."""
+        """TRL's logging, plus one JSON line per logged step in <out>/metrics.jsonl, as train.py writes."""
         metrics = dict(self._metrics["train"])  # read before super() clears them
         super().log(logs, start_time)
         if self.accelerator.is_main_process and "loss" in logs and metrics:
@@ -328,7 +329,7 @@ class KDRLTrainer(GRPOTrainer):
                 f.write(json.dumps(row) + "\n")
 
     def time_summary(self) -> str:
-        """The time breakdown and throughput, in kdrl.py's format."""
+        """The time breakdown and throughput, in train.py's format."""
         t = self.kdrl_timer
         busy = sum(t.get(k, 0.0) for k in ("sampling", "teacher", "update"))
         return (f"time: sampling {t.get('sampling', 0):.1f}s | teacher {t.get('teacher', 0):.1f}s | update "
@@ -338,21 +339,21 @@ class KDRLTrainer(GRPOTrainer):
 
 def check_supported(cfg: kdrl.KDRLConfig) -> None:
     """Refuse what this integration cannot run exactly, saying why."""
-    kdrl.validate_config(cfg)
+    train.validate_config(cfg)
     if cfg.sft:
         raise kdrl.KDRLError(
             f"--method {cfg.method} is not a policy-gradient method, so it does not run inside GRPOTrainer: sample the "
-            "teacher, keep its correct responses and train on them with TRL's SFTTrainer (or run kdrl.py --method sft)"
+            "teacher, keep its correct responses and train on them with TRL's SFTTrainer (or run train.py --method sft)"
         )
     if cfg.kd_mode == "reward" and cfg.kd_baseline == "loo" and cfg.group_size > 1:
         raise kdrl.KDRLError(
             "--kd-mode reward with --kd-baseline loo (kdrl-seq's default) needs whole groups in each micro-batch, "
-            "which TRL's shuffle splits; add --kd-baseline none here, or run it with kdrl.py"
+            "which TRL's shuffle splits; add --kd-baseline none here, or run it with train.py"
         )
     if cfg.kd_kind == "full" and cfg.kd_mode == "loss":
         raise kdrl.KDRLError(
             "--kd-kind full (kdrl-full) is refused here: its chunked exact KL calls the teacher's output head inside "
-            "the update, outside the teacher's forward (sharded under ZeRO-3 / FSDP); run it with kdrl.py, or use k2"
+            "the update, outside the teacher's forward (sharded under ZeRO-3 / FSDP); run it with train.py, or use k2"
         )
 
 
@@ -378,7 +379,7 @@ def grpo_config(cfg: kdrl.KDRLConfig, processes: int, **trl_options) -> GRPOConf
     per_process = B // processes
     per_device = max(d for d in range(1, min(cfg.minibatch_size, per_process) + 1) if per_process % d == 0)
     accumulation = per_process // per_device
-    compute_bf16 = kdrl._compute_dtype(cfg.dtype, kdrl.resolve_device(cfg.device)) == torch.bfloat16
+    compute_bf16 = kdrl.compute_dtype(cfg.dtype, train.resolve_device(cfg.device)) == torch.bfloat16
     return GRPOConfig(
         output_dir=cfg.out,
         seed=cfg.seed,
@@ -426,8 +427,8 @@ def dataset_for(tokenizer, examples: list[dict]) -> Dataset:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """kdrl.py's flags (one per KDRLConfig field), plus the few TRL needs for distribution."""
-    parser = kdrl.build_parser()
+    """train.py's flags (one per KDRLConfig field), plus the few TRL needs for distribution."""
+    parser = train.build_parser()
     parser.description = "kdrl's loss inside TRL's GRPOTrainer: " + parser.description
     trl = parser.add_argument_group("TRL (distribution and generation)")
     trl.add_argument("--use-vllm", action="store_true", help="generate with vLLM (install it separately)")
@@ -445,12 +446,12 @@ _TRL_FLAGS = ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_impo
 
 
 def parse(argv=None) -> tuple[kdrl.KDRLConfig, dict]:
-    """Defaults ← the --method preset ← explicit flags (as kdrl.config_from_args), and the TRL options."""
+    """Defaults ← the --method preset ← explicit flags (as train.config_from_args), and the TRL options."""
     args = vars(build_parser().parse_args(argv))
     trl_options = {k: args.pop(k) for k in _TRL_FLAGS}
     if not trl_options["use_vllm"]:
         trl_options = dict(use_vllm=False)
-    cfg = kdrl.config_from_flags(args)
+    cfg = train.config_from_flags(args)
     return cfg, trl_options
 
 
@@ -458,21 +459,21 @@ def run(cfg: kdrl.KDRLConfig, trl_options: dict, reward_fn: Callable = kdrl.math
     """Check everything, build the trainer, train, save <out>/checkpoint. Returns the trainer. Raises KDRLError."""
     check_supported(cfg)
     if cfg.eval_every:
-        raise kdrl.KDRLError("--eval-every is kdrl.py only: kdrl_trl.py evaluates once, at the end (--eval)")
+        raise kdrl.KDRLError("--eval-every is train.py only: train_trl.py evaluates once, at the end (--eval)")
     for name in ("student", "teacher", "train"):
         if not getattr(cfg, name):
             raise kdrl.KDRLError(f"--{name} is required")
-    device = kdrl.resolve_device(cfg.device)
-    train_set = kdrl.load_jsonl(cfg.train)
-    eval_set = kdrl.load_jsonl(cfg.eval) if cfg.eval else None
-    tokenizer = kdrl.load_tokenizer(cfg.student, "student")
-    kdrl.check_same_tokenizer(tokenizer, kdrl.load_tokenizer(cfg.teacher, "teacher"))
-    student = kdrl.load_model(cfg.student, torch.device("cpu"), torch.float32, "student")  # float32 master weights
+    device = train.resolve_device(cfg.device)
+    train_set = train.load_jsonl(cfg.train)
+    eval_set = train.load_jsonl(cfg.eval) if cfg.eval else None
+    tokenizer = train.load_tokenizer(cfg.student, "student")
+    train.check_same_tokenizer(tokenizer, train.load_tokenizer(cfg.teacher, "teacher"))
+    student = train.load_model(cfg.student, torch.device("cpu"), torch.float32, "student")  # float32 master weights
     for examples, source in ((train_set, cfg.train), (eval_set or [], cfg.eval)):
-        kdrl.check_prompt_lengths(tokenizer, student, examples, cfg.max_new_tokens, source)
+        train.check_prompt_lengths(tokenizer, student, examples, cfg.max_new_tokens, source)
     args = grpo_config(cfg, world_size(), **trl_options)
     width = student.get_output_embeddings().weight.shape[0]
-    if width > len(tokenizer):  # padded logit columns carry no probability, as in kdrl.py: the sampler must mask them
+    if width > len(tokenizer):  # padded logit columns carry no probability, as in train.py: the sampler must mask them
         if args.use_vllm:  # vLLM samples every column, and its masking option is untested here: refuse
             raise kdrl.KDRLError(
                 f"--use-vllm: the student {cfg.student} has {width} logit columns for {len(tokenizer)} tokens, and "
@@ -505,7 +506,7 @@ def run(cfg: kdrl.KDRLConfig, trl_options: dict, reward_fn: Callable = kdrl.math
 
 def _trim_metrics_for_resume(out: Path, mu: int) -> None:
     """--resume: keep the metrics.jsonl rows of the kdrl steps before the last <out>/checkpoint-N, the one TRL resumes
-    from, so that the steps it redoes are not logged twice (kdrl.py keeps those before its checkpoint the same way)."""
+    from, so that the steps it redoes are not logged twice (train.py keeps those before its checkpoint the same way)."""
     metrics = out / "metrics.jsonl"
     checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
     if checkpoint is None or not metrics.exists():
@@ -515,19 +516,19 @@ def _trim_metrics_for_resume(out: Path, mu: int) -> None:
         start = json.loads(state.read_text())["global_step"] // mu  # optimizer steps → the kdrl step TRL resumes at
     except (OSError, ValueError, KeyError) as e:
         raise kdrl.KDRLError(f"--resume: cannot read the step of {state} ({e})") from None
-    kept = [line for line in metrics.read_text().splitlines() if kdrl._keep_on_resume(json.loads(line), start)]
+    kept = [line for line in metrics.read_text().splitlines() if train._keep_on_resume(json.loads(line), start)]
     metrics.write_text("".join(line + "\n" for line in kept))
 
 
 def _evaluate(trainer, tokenizer, eval_set, reward_fn, cfg, device) -> None:
-    """kdrl.evaluate on the main process (greedy and sampled accuracy), when the weights are whole on every rank."""
+    """train.evaluate on the main process (greedy and sampled accuracy), when the weights are whole on every rank."""
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         if trainer.accelerator.is_main_process:
-            print("eval: skipped under DeepSpeed / FSDP (sharded weights); evaluate <out>/checkpoint with kdrl.py")
+            print("eval: skipped under DeepSpeed / FSDP (sharded weights); evaluate <out>/checkpoint with train.py")
         return
     if trainer.accelerator.is_main_process:
         model = trainer.accelerator.unwrap_model(trainer.model).eval()
-        result = kdrl.evaluate(model, tokenizer, eval_set[: cfg.eval_limit], reward_fn, cfg)
+        result = train.evaluate(model, tokenizer, eval_set[: cfg.eval_limit], reward_fn, cfg)
         print("eval: " + " | ".join(f"{k} {v:.3f}" for k, v in result.items()))
     trainer.accelerator.wait_for_everyone()
 

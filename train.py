@@ -1,0 +1,669 @@
+"""
+train.py: the engine around kdrl.py's method: the loop, config checks, checkpoints and resume, evaluation,
+metrics.jsonl and the progress line, loading models, tokenizers and data from local paths, and the CLI.
+
+    python train.py --student PATH --teacher PATH --train data.jsonl --method kdrl --steps 100
+
+The loop is `for step: row = kdrl.train_step(...); log(row); evaluate; save`: everything a learner needs to read to
+understand the algorithm is in kdrl.py; this file is what a real run needs around it. Every KDRLConfig field is a
+flag (--kd-kind for kd_kind), with the field's docstring as its help; --method picks a preset from kdrl.METHODS.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import inspect
+import itertools
+import json
+import math
+import pickle
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import kdrl
+from kdrl import METHODS, KDRLConfig, KDRLError
+
+# -----------------------------------------------------------------------------
+# Config checks: an invalid config never reaches a step, from Python or from the CLI.
+
+
+_CHOICES = dict(
+    loss_agg=("token-mean", "seq-mean", "constant"),
+    kd_mode=("loss", "reward"),
+    kd_kind=("k1", "k2", "k3", "full"),
+    kd_mask=("none", "response", "group"),
+    sft_keep=("correct", "all"),
+    kd_baseline=("none", "loo"),
+    device=("auto", "cpu", "cuda"),
+    dtype=("auto", "float32", "bfloat16"),
+)
+
+
+def validate_config(cfg: KDRLConfig) -> None:
+    """Raise KDRLError (a ValueError) naming the first bad field."""
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise KDRLError(f"config field {name}={getattr(cfg, name)!r}: must be one of {choices}")
+    if cfg.method not in METHODS:
+        raise KDRLError(f"config field method={cfg.method!r}: must be one of {tuple(METHODS)}")
+    # every float field (an Optional one when set), before the range checks below: inf passes `x >= 0`
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise KDRLError(f"config field {f.name}={value}: must be a finite number")
+    counts = ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "minibatch_size", "logprob_chunk")
+    for name in counts:
+        if getattr(cfg, name) < 1:
+            raise KDRLError(f"config field {name}={getattr(cfg, name)}: must be >= 1")
+    ranges = [  # the floats are finite by now
+        ("beta", cfg.beta >= 0, ">= 0"),
+        ("lr", cfg.lr > 0, "> 0"),
+        ("clip_eps_low", 0 <= cfg.clip_eps_low < 1, "in [0, 1)"),
+        ("clip_eps_high", 0 <= cfg.clip_eps_high < 1, "in [0, 1)"),
+        ("adv_eps", cfg.adv_eps >= 0, ">= 0"),
+        ("trrd_clamp", cfg.trrd_clamp > 0, "> 0 (a clamp at 0 removes the teacher from the ratio)"),
+        ("kd_gamma", 0 <= cfg.kd_gamma <= 1, "in [0, 1]"),
+        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("max_grad_norm", cfg.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+        ("beta_decay_steps", cfg.beta_decay_steps >= 0, ">= 0"),
+        ("save_every", cfg.save_every >= 0, ">= 0"),
+        ("eval_every", cfg.eval_every >= 0, ">= 0"),
+        ("eval_limit", cfg.eval_limit >= 1, ">= 1"),
+        ("log_every", cfg.log_every >= 0, ">= 0 (0: no metrics lines beside the progress bar)"),
+    ]
+    for name, ok, rule in ranges:
+        if not ok:
+            raise KDRLError(f"config field {name}={getattr(cfg, name)}: must be {rule}")
+    if cfg.beta_min is not None and not 0 <= cfg.beta_min <= cfg.beta:
+        raise KDRLError(
+            f"config field beta_min={cfg.beta_min}: must be in [0, beta={cfg.beta}] (annealing decays β)"
+        )
+    if cfg.trrd_alpha is not None and not 0.0 <= cfg.trrd_alpha <= 1.0:
+        raise KDRLError(f"config field trrd_alpha={cfg.trrd_alpha}: must be in [0, 1]")
+    if cfg.temperature <= 0:  # greedy rollouts are identical within a group (A = 0) and are not samples of π
+        raise KDRLError(
+            f"config field temperature={cfg.temperature}: training samples at temperature > 0 "
+            "(greedy decoding is for evaluation)"
+        )
+    if cfg.kd_kind == "full" and cfg.kd_mode == "reward":
+        raise KDRLError("config field kd_kind='full' needs kd_mode='loss' (reward mode uses the sampled-token k1)")
+    if cfg.kd_mode == "reward" and cfg.kd_baseline == "loo" and cfg.kd_mask == "group":  # see kd_reward_returns
+        raise KDRLError(
+            "config fields kd_baseline='loo', kd_mask='group' (kd_mode='reward'): the leave-one-out baseline would be "
+            "biased, because whether the other responses keep their KD returns depends on whether this response is "
+            "correct, so the baseline depends on this response. Pass kd_baseline='none', or kd_mask 'none' or "
+            "'response'"
+        )
+    if cfg.kd_kind == "full" and max(cfg.beta, cfg.beta_min or 0.0) == 0 and not cfg.sft:
+        raise KDRLError("config field kd_kind='full' with beta=0: there is no KD term to compute (use k2, or beta > 0)")
+    conflicts = method_conflicts(cfg)
+    if conflicts:
+        raise KDRLError(
+            "config field " + "; ".join(conflicts) + ". Pick the method that matches, or leave the field at the "
+            f"preset's value (from Python: KDRLConfig.from_method({cfg.method!r}, ...))"
+        )
+
+
+def method_features(cfg: KDRLConfig) -> dict[str, str]:
+    """What makes cfg's method what it is, in words, keyed by the field that decides it. A config contradicts its
+    method when one of these differs from its preset's (KDRLConfig.from_method(cfg.method)), so METHODS alone defines
+    each method. What is not here is a knob a flag may tune: the size of β, α, γ, ε, the annealing length, k2 or k3."""
+    kd = max(cfg.beta, cfg.beta_min or 0.0) > 0
+    mask = "a KD mask (kd_mask 'response' or 'group')" if cfg.kd_mask != "none" else "kd_mask='none'"
+    kind = "kd_kind='full', the exact KL" if cfg.kd_kind == "full" else "a sampled-token estimator (k2 or k3)"
+    annealed = cfg.beta_min is not None and cfg.beta_decay_steps >= 1
+    return dict(
+        sft=f"sft={cfg.sft}",
+        sft_keep=f"sft_keep={cfg.sft_keep!r}" if cfg.sft else "",
+        use_reward=f"use_reward={cfg.use_reward}",
+        beta="beta > 0 (a KD term; beta = 0 is grpo)" if kd else "beta = 0 (no KD term)",
+        kd_mode=f"kd_mode={cfg.kd_mode!r}" if kd else "",
+        kd_mask=mask if kd and cfg.kd_mode == "loss" else "",  # reward mode: a knob (no masked twin of kdrl-seq)
+        kd_kind=kind if kd and cfg.kd_mode == "loss" else "",
+        beta_min="annealing (a beta_min and beta_decay_steps >= 1)" if annealed else "no annealing (beta_min=None)",
+        trrd_alpha="trrd_alpha set (TRRD's ratio)" if cfg.trrd_alpha is not None else "trrd_alpha=None",
+    )
+
+
+def method_conflicts(cfg: KDRLConfig) -> list[str]:
+    """The fields whose value contradicts cfg.method, each as "beta=0.01 contradicts method='grpo', which needs
+    ...", or []: a feature (method_features) that differs from the preset's, or a knob set where it would silently
+    make the run another method."""
+    wanted = method_features(KDRLConfig.from_method(cfg.method))
+    out = []
+    for name, feature in method_features(cfg).items():
+        if feature and wanted[name] and feature != wanted[name]:  # "": no such feature (its parent differs, if any)
+            out.append(f"{name}={getattr(cfg, name)!r} contradicts method={cfg.method!r}, which needs {wanted[name]}")
+    kd_loss = max(cfg.beta, cfg.beta_min or 0.0) > 0 and cfg.kd_mode == "loss" and not cfg.sft
+    if kd_loss and cfg.kd_kind == "k1":  # E_{y~π}[∇ log π(y)] = 0 (kdrl-seq's reward mode uses k1 soundly)
+        out.append(f"kd_kind='k1' contradicts method={cfg.method!r}: in the loss, k1 = log π − log π_T has zero "
+                   "expected gradient (E[∇ log π] = 0), so the KD term adds only noise; use k2, k3 or full")
+    if cfg.trrd_alpha == 1.0:
+        out.append(f"trrd_alpha=1.0 contradicts method={cfg.method!r}: (π/π_old)^1 · (π/π_T)^0 leaves the teacher "
+                   "out of the ratio, which is exactly grpo; use trrd_alpha < 1")
+    return out
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The one-line docstring under each dataclass field, read from the source (used for --help)."""
+    docs = {}
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # the class's statements
+    for node, following in itertools.pairwise(body):
+        is_docstring = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and is_docstring:
+            docs[node.target.id] = following.value.value.strip()
+    return docs
+
+
+# -----------------------------------------------------------------------------
+# The loop: for step: kdrl.train_step(...); log; evaluate; save.
+
+
+def train(
+    cfg: KDRLConfig,
+    student,
+    teacher,
+    tokenizer,
+    train_set: list[dict],
+    reward_fn: Callable,
+    eval_set: Optional[list[dict]] = None,
+) -> dict:
+    """Post-train `student` with cfg.method, one kdrl.train_step per step. Returns a summary: final eval, timings,
+    tokens/s. Validates cfg first (validate_config), so an invalid config never reaches a step.
+
+    Writes <out>/config.json, <out>/metrics.jsonl (one line per step; eval lines carry "eval": true) and
+    <out>/checkpoint (every save_every steps and at the end). Every forward pass, evaluation's included, runs under
+    bfloat16 autocast when cfg.dtype resolves to bfloat16 ("auto" on CUDA), over float32 master weights.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir, optimizer, start = _start_run(cfg, student, teacher, train_set)  # validate, seed, resume
+    end_ids = kdrl.end_token_ids(tokenizer, student, teacher)
+    timer, tokens_seen = Timer(), 0
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress,
+               dynamic_ncols=True)
+    for step in bar:
+        batch = [train_set[i] for i in batch_for_step(len(train_set), step, cfg.prompts_per_step, cfg.seed)]
+        with _name_step_in_errors(step, out_dir / "checkpoint"):
+            row = kdrl.train_step(cfg, step, student, teacher, tokenizer, optimizer, batch, reward_fn, end_ids=end_ids)
+        for phase in ("sampling", "teacher", "update"):
+            timer[phase] = timer.get(phase, 0.0) + row[f"time_{phase}"]
+        tokens_seen += row["tokens"]
+        _log_step(cfg, bar, out_dir / "metrics.jsonl", row)
+        if _due(cfg.eval_every, step, cfg.steps) and eval_set:
+            with timer("eval"):
+                examples = eval_set[: cfg.eval_limit]
+                eval_metrics = _evaluate_aside(student, tokenizer, examples, reward_fn, cfg, end_ids, step)
+            _append_row(out_dir / "metrics.jsonl", dict(step=step, eval=True, **eval_metrics))
+        if _due(cfg.save_every, step, cfg.steps):
+            save_checkpoint(out_dir, step + 1, student, tokenizer, optimizer, cfg)
+    bar.close()
+    return _finish_run(cfg, out_dir, student, tokenizer, optimizer, start, eval_set, reward_fn, end_ids, timer,
+                       tokens_seen)
+
+
+def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict]) -> tuple[Path, torch.optim.Optimizer, int]:
+    """Validate, seed, prepare both models, build AdamW and, with cfg.resume, restore the checkpoint; write
+    config.json and start metrics.jsonl (on resume, keeping the rows of the steps already done).
+    Returns (output directory, optimizer, first step)."""
+    validate_config(cfg)
+    if not train_set:
+        raise KDRLError("the training set is empty")
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    student.eval()  # the update must score the policy that sampled
+    teacher.eval()
+    disable_dropout(student)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = load_checkpoint(out_dir / "checkpoint", student, optimizer, cfg) if cfg.resume else 0
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    metrics_path = out_dir / "metrics.jsonl"
+    kept = []
+    if cfg.resume and metrics_path.exists():
+        kept = [line for line in metrics_path.read_text().splitlines() if _keep_on_resume(json.loads(line), start)]
+    metrics_path.write_text("".join(line + "\n" for line in kept))
+    if kdrl.uses_exact_kl(cfg):  # before any step, not at the first teacher pass
+        for model in (student, teacher):
+            kdrl.check_logits_rebuildable(model)
+    return out_dir, optimizer, start
+
+
+def disable_dropout(model) -> None:
+    """Zero every dropout rate (modules and the float rates attention layers keep), so that train mode, which
+    Hugging Face's gradient checkpointing needs, scores exactly the policy that eval mode sampled."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "hidden_dropout", "resid_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def _keep_on_resume(row: dict, start: int) -> bool:
+    """metrics.jsonl rows a run resumed at `start` keeps: the steps before it, not the shorter run's final eval."""
+    return row["step"] < start and not row.get("final")
+
+
+def batch_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Example indices for a step: a fresh seeded permutation each epoch, so the data order is a pure
+    function of (seed, step) and a resumed run sees exactly the batches an uninterrupted one would."""
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(k, n)
+        out.append(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[i].item())
+    return out
+
+
+@contextlib.contextmanager
+def _name_step_in_errors(step: int, checkpoint: Path):
+    """Re-raise a KDRLError from inside a step (a diverged run) naming the step and the checkpoint kept."""
+    try:
+        yield
+    except KDRLError as e:
+        where = "" if "at step" in str(e) else f", at step {step}"
+        raise KDRLError(f"{e}{where}; last good checkpoint kept in {checkpoint}") from None
+
+
+def _log_step(cfg: KDRLConfig, bar, metrics_path: Path, row: dict) -> None:
+    """One row in metrics.jsonl, the progress bar's numbers, and a `|`-separated line: every step without a
+    progress bar, every log_every steps with one."""
+    _append_row(metrics_path, row)
+    kl = {"kl": f"{row['kl_k1']:.3f}"} if "kl_k1" in row else {}  # no KL when no teacher was scored
+    bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", **kl, len=f"{row['length']:.0f}")
+    if not cfg.progress:
+        print(_step_line(cfg, row), flush=True)
+    elif cfg.log_every and (row["step"] + 1) % cfg.log_every == 0:
+        bar.write(_step_line(cfg, row))
+
+
+def _step_line(cfg: KDRLConfig, row: dict) -> str:
+    """One step as `step 3/100 | reward 0.412 | acc 0.375 | kl 0.0123 | ... | update 0.30s`, nanochat's style."""
+    fields = [f"step {row['step'] + 1}/{cfg.steps}", f"reward {row['reward']:.3f}", f"acc {row['acc']:.3f}"]
+    if "kl_k1" in row:
+        fields.append(f"kl {row['kl_k1']:.4f}")
+    for name in ("pg_loss", "kd_loss", "sft_loss"):
+        if name in row:
+            fields.append(f"{name} {row[name]:.4f}")
+    fields += [f"len {row['length']:.0f}", f"grad {row['grad_norm']:.3f}", f"beta {row['beta']:.2g}"]
+    fields += [f"{phase} {row['time_' + phase]:.2f}s" for phase in ("sampling", "teacher", "update")]
+    return " | ".join(fields)
+
+
+def _append_row(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _due(every: int, step: int, steps: int) -> bool:
+    """A periodic eval or save after `step`: every N steps, but not after the last (the run's end does that)."""
+    return bool(every) and (step + 1) % every == 0 and step + 1 < steps
+
+
+def _finish_run(cfg: KDRLConfig, out_dir: Path, student, tokenizer, optimizer, start: int, eval_set, reward_fn,
+                end_ids, timer: "Timer", tokens_seen: int) -> dict:
+    """The final checkpoint and evaluation, then the time breakdown and tokens/s, printed and returned."""
+    summary = {}
+    if start < cfg.steps:
+        save_checkpoint(out_dir, cfg.steps, student, tokenizer, optimizer, cfg)
+    if eval_set:
+        with timer("eval"):
+            examples = eval_set[: cfg.eval_limit]
+            summary["eval"] = _evaluate_aside(student, tokenizer, examples, reward_fn, cfg, end_ids, cfg.steps - 1)
+        _append_row(out_dir / "metrics.jsonl", dict(step=cfg.steps - 1, eval=True, final=True, **summary["eval"]))
+    busy = sum(timer.get(phase, 0.0) for phase in ("sampling", "teacher", "update"))
+    times = {phase: round(seconds, 3) for phase, seconds in timer.items()}
+    summary.update(time=times, tokens_per_s=tokens_seen / busy if busy else 0.0)
+    if start < cfg.steps:
+        phases = " | ".join(f"{name} {timer.get(name, 0):.1f}s" for name in ("sampling", "teacher", "update", "eval"))
+        rate = f"{summary['tokens_per_s']:.0f} tokens/s (non-pad prompt+response tokens per busy second)"
+        print(f"time: {phases} | {rate}")
+    return summary
+
+
+class Timer(dict):
+    """Accumulated wall time per phase: `with timer("eval"): ...` (kdrl.timed: CUDA synchronised)."""
+
+    def __call__(self, name: str):
+        return kdrl.timed(self, name)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: greedy and sampled accuracy, on an RNG stream of its own.
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    tokenizer,
+    examples: list[dict],
+    reward_fn: Callable,
+    cfg: KDRLConfig,
+    batch_size: int = 64,
+    end_ids: Optional[list[int]] = None,
+) -> dict:
+    """Greedy accuracy, sampled accuracy (one sample at cfg.temperature), mean response length, truncated fraction.
+    end_ids: the ids that end a response (default end_token_ids(tokenizer, model))."""
+    results = dict(greedy=[], sampled=[], length=[], truncated=[])
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        prompts = [ex["prompt"] for ex in chunk]
+        for name, temperature in (("greedy", 0.0), ("sampled", cfg.temperature)):
+            rollouts = kdrl.sample_rollouts(model, tokenizer, prompts, 1, cfg.max_new_tokens, temperature,
+                                            end_ids=end_ids)
+            _, correct = kdrl.score_completions(reward_fn, chunk, kdrl.decode(tokenizer, rollouts), 1)
+            results[name] += correct.tolist()
+            if name == "greedy":
+                results["length"] += rollouts.response_mask.sum(1).tolist()
+                results["truncated"] += rollouts.truncated.tolist()
+    return dict(
+        acc_greedy=_mean(results["greedy"]),
+        acc_sampled=_mean(results["sampled"]),
+        length=_mean(results["length"]),
+        truncated=_mean(results["truncated"]),
+    )
+
+
+def _mean(values: list) -> float:
+    return sum(map(float, values)) / max(len(values), 1)
+
+
+def _evaluate_aside(model, tokenizer, examples, reward_fn, cfg: KDRLConfig, end_ids, step: int) -> dict:
+    """evaluate() on its own seeded RNG stream (seed, step), restored afterwards: evaluating, or not, never
+    changes what training samples next, so a run resumed with another eval_every continues exactly.
+    It runs under the same autocast as training's sampling, so the accuracy is that of the policy as it samples."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), kdrl.autocast_for(cfg.dtype, device):
+        torch.manual_seed(cfg.seed * 100_003 + step + 1)
+        return evaluate(model, tokenizer, examples, reward_fn, cfg, end_ids=end_ids)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and resume: written atomically, refused when the config would change the maths.
+
+
+def _rng_state() -> dict:
+    state = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> Optional[str]:
+    """Restore the RNG states saved by _rng_state, as far as this machine allows; returns what could not be
+    restored (None if nothing). The CPU and Python states always are. CUDA: one state per device at save time;
+    with fewer visible now, the first ones are restored (a single-GPU run draws on device 0 alone)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    saved = state.get("cuda", [])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, device_state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(device_state, index)
+    what = f"the checkpoint's CUDA RNG state ({len(saved)} device{'s' if len(saved) != 1 else ''})"
+    if visible == 0 and saved:
+        return f"{what} was not restored: no CUDA device is visible"
+    if visible < len(saved):
+        return f"{what} was restored for the first {visible} only: {visible} visible now"
+    if device.type == "cuda" and not saved:
+        return "the checkpoint holds no CUDA RNG state (written without CUDA): CUDA draws restart from the seed"
+    return None
+
+
+def save_checkpoint(out_dir: Path, step: int, student, tokenizer, optimizer, cfg: KDRLConfig) -> Path:
+    """Write <out_dir>/checkpoint atomically: build it in a temporary directory, then rename it into place,
+    so an interrupted save never leaves a half-written checkpoint and the last good one survives."""
+    final, tmp, old = out_dir / "checkpoint", out_dir / ".checkpoint.tmp", out_dir / ".checkpoint.old"
+    if not final.exists() and old.exists():  # a save was interrupted between its renames: put the good one back
+        old.rename(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "kdrl_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    torch.save(dict(step=step, optimizer=optimizer.state_dict(), rng=_rng_state()), tmp / "trainer_state.pt")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# Fields that may change on --resume: they decide how long, where and how visibly the run goes, or only bound
+# memory, never the math of a step. Any other difference (method, β, estimator, G, lr, seed, data...) is refused.
+# (device and dtype change the floating-point arithmetic: a resume is bit-exact only on the same ones.)
+RESUME_MAY_CHANGE = (
+    "steps", "resume", "progress", "log_every", "out", "eval", "eval_every", "eval_limit", "save_every", "device",
+    "dtype", "gradient_checkpointing", "minibatch_size", "logprob_chunk",
+)
+
+
+def check_resume_config(saved: dict, cfg: KDRLConfig, path: Path, step: int) -> None:
+    """Refuse to resume a checkpoint (config `saved`, at `step`) under a config that changes the run's math."""
+    diffs = []
+    for f in dataclasses.fields(KDRLConfig):
+        if f.name in RESUME_MAY_CHANGE:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name not in saved:  # written by an older kdrl, before this field (and its default) existed
+            now = getattr(cfg, f.name)
+            diffs.append(f"{f.name} (absent from the checkpoint, which an older kdrl wrote; now {now!r}: {flag})")
+        elif saved[f.name] != getattr(cfg, f.name):
+            diffs.append(f"{f.name} (checkpoint {saved[f.name]!r}, now {getattr(cfg, f.name)!r}: {flag})")
+    if diffs:
+        raise KDRLError(
+            f"--resume: {path} was trained with a different config: " + "; ".join(diffs)
+            + ". These change the run's math: resume with the checkpoint's values or start a new --out"
+        )
+    if cfg.steps < step:
+        raise KDRLError(f"--resume: steps={cfg.steps} is below the checkpoint's step {step} ({path}); it may only grow")
+
+
+def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = None) -> int:
+    """Restore the student's weights, the optimizer and the RNG from a checkpoint; returns its step.
+    Falls back to the previous one if a save was interrupted between its two renames. With cfg, first refuses
+    a config that differs from the checkpoint's in anything but RESUME_MAY_CHANGE. Nothing in the folder is
+    unpickled as code: trainer_state.pt loads with weights_only=True, the weights from safetensors.
+    A checkpoint resumes on another device (GPU to CPU and back, fewer GPUs): what cannot be restored (part of the
+    RNG state) is named in a note on stderr, and such a resume continues the run but not bit for bit."""
+    if not (path / "trainer_state.pt").exists() and (path.parent / ".checkpoint.old" / "trainer_state.pt").exists():
+        path = path.parent / ".checkpoint.old"
+    if not (path / "trainer_state.pt").exists():
+        raise KDRLError(f"--resume: no checkpoint at {path} (missing trainer_state.pt)")
+    try:
+        # to the CPU whatever device wrote it: optimizer.load_state_dict moves its state to the parameters' device
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        saved_cfg = json.loads((path / "kdrl_config.json").read_text())
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        raise KDRLError(f"--resume: cannot read the checkpoint in {path} ({type(e).__name__}: {e})") from None
+    if cfg is not None:
+        check_resume_config(saved_cfg, cfg, path, state["step"])
+    saved = type(student).from_pretrained(path, dtype=next(student.parameters()).dtype)
+    student.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    lost = _set_rng_state(state["rng"], next(student.parameters()).device)
+    if lost:
+        print(f"note: --resume: {lost}; resuming across devices is not bit-exact", file=sys.stderr)
+    return state["step"]
+
+
+# -----------------------------------------------------------------------------
+# Loading data, models and tokenizers from local paths; the CLI.
+
+
+def load_jsonl(path: str) -> list[dict]:
+    """Rows {"prompt": str, "answer": ...}; errors name the file and line. Each row gets "_line"."""
+    p = Path(path)
+    if not p.is_file():
+        raise KDRLError(f"{path}: no such file")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KDRLError(f"{path}, line {n}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
+            raise KDRLError(f'{path}, line {n}: expected an object with a string "prompt" and an "answer"')
+        rows.append(dict(row, _line=n))
+    if not rows:
+        raise KDRLError(f"{path}: empty dataset")
+    return rows
+
+
+def check_same_tokenizer(student_tok, teacher_tok) -> None:
+    """KD compares log-probs token by token, so both models must mean the same thing by every id.
+    Raises KDRLError naming the first difference: vocabulary, special-token ids, or chat template."""
+    student_vocab, teacher_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()  # {token: id}
+    every_token = set(student_vocab) | set(teacher_vocab)
+    for tok in sorted(every_token, key=lambda k: (student_vocab.get(k, teacher_vocab.get(k)), k)):
+        student_id, teacher_id = student_vocab.get(tok), teacher_vocab.get(tok)
+        if student_id != teacher_id:
+            raise KDRLError(f"student and teacher tokenizers differ: token {tok!r} has id {student_id} in the student, "
+                            f"{teacher_id} in the teacher")
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        student_id, teacher_id = getattr(student_tok, attr), getattr(teacher_tok, attr)
+        if student_id != teacher_id:
+            raise KDRLError(f"student and teacher tokenizers differ: {attr} is {student_id} in the student, "
+                            f"{teacher_id} in the teacher")
+    if getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
+        raise KDRLError("student and teacher tokenizers differ: chat templates are not identical")
+
+
+def check_prompt_lengths(tokenizer, model, examples: list[dict], max_new_tokens: int, source: str) -> None:
+    """Refuse prompts that cannot fit with max_new_tokens into the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context:
+        return
+    for ex in examples:
+        prompt_tokens = kdrl.encode_prompts(tokenizer, [ex["prompt"]])[0].shape[1]
+        if prompt_tokens + max_new_tokens > context:
+            raise KDRLError(f"{source}, line {ex.get('_line', '?')}: prompt of {prompt_tokens} tokens + max_new_tokens "
+                            f"{max_new_tokens} exceeds the context of {context}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" is cuda when available, else cpu; "cuda" without CUDA is refused."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KDRLError("--device cuda was requested but CUDA is not available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _check_dir(path: str, role: str) -> None:
+    if not Path(path).is_dir():
+        raise KDRLError(f"--{role} {path}: no such directory (models load from local paths only)")
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype, role: str):
+    from transformers import AutoModelForCausalLM
+
+    _check_dir(path, role)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+    except (OSError, ValueError) as e:
+        raise KDRLError(f"--{role} {path}: cannot load a causal LM ({e})") from None
+
+
+def load_tokenizer(path: str, role: str):
+    from transformers import AutoTokenizer
+
+    _check_dir(path, role)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise KDRLError(f"--{role} {path}: cannot load a tokenizer ({e})") from None
+    if tok.eos_token_id is None:
+        raise KDRLError(f"--{role} {path}: the tokenizer has no EOS token, so responses could never end")
+    tok.padding_side = "left"
+    return tok
+
+
+def _optional_float(text: str) -> Optional[float]:
+    """--beta-min none / --trrd-alpha none set the field back to None (off)."""
+    return None if text.lower() == "none" else float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per KDRLConfig field (--kd-kind for kd_kind), help from the field's docstring."""
+    description = __doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = field_docs(KDRLConfig)
+    types = {"int": int, "float": float, "str": str, "Optional[float]": _optional_float}
+    for f in dataclasses.fields(KDRLConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{docs.get(f.name, '')} (default: {f.default}; a --method preset may change it)"
+        if f.type == "Optional[float]":
+            help_text += "; 'none' turns it off"
+        if f.name in _CHOICES or f.name == "method":
+            kind = dict(type=str, choices=_CHOICES.get(f.name, tuple(METHODS)))
+        elif f.type == "bool":
+            kind = dict(action=argparse.BooleanOptionalAction)
+        else:
+            kind = dict(type=types[f.type])
+        # SUPPRESS: only the flags given explicitly override the preset
+        parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text, **kind)
+    return parser
+
+
+def config_from_args(argv=None) -> KDRLConfig:
+    """Defaults ← the --method preset ← explicit flags (see config_from_flags)."""
+    return config_from_flags(vars(build_parser().parse_args(argv)))
+
+
+def config_from_flags(flags: dict) -> KDRLConfig:
+    """KDRLConfig from the explicitly given flags {field: value}. A flag that changes one of the preset's own values
+    says so on stderr (the flag wins); one that contradicts the method itself is refused by validate_config."""
+    args = dict(flags)
+    method = args.pop("method", KDRLConfig.method)
+    cfg = KDRLConfig.from_method(method, **args)
+    if method_conflicts(cfg):  # refused by validate_config: no note saying a flag won
+        return cfg
+    for name, value in args.items():
+        if name in METHODS[method] and METHODS[method][name] != value:
+            flag = "--" + name.replace("_", "-")
+            print(f"note: {flag} {value} overrides --method {method}'s {name}={METHODS[method][name]}", file=sys.stderr)
+    return cfg
+
+
+def main(argv=None) -> int:
+    cfg = config_from_args(argv)
+    try:
+        validate_config(cfg)
+        for name in ("student", "teacher", "train"):
+            if not getattr(cfg, name):
+                raise KDRLError(f"--{name} is required")
+        device = resolve_device(cfg.device)
+        train_set = load_jsonl(cfg.train)
+        eval_set = load_jsonl(cfg.eval) if cfg.eval else None
+        tokenizer = load_tokenizer(cfg.student, "student")
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher, "teacher"))
+        student = load_model(cfg.student, device, torch.float32, "student")  # float32 master weights
+        teacher_dtype = kdrl.compute_dtype(cfg.dtype, device)  # the teacher is stored in the compute dtype
+        teacher = load_model(cfg.teacher, device, teacher_dtype, "teacher").requires_grad_(False)
+        for ex_set, src in ((train_set, cfg.train), (eval_set or [], cfg.eval)):
+            check_prompt_lengths(tokenizer, student, ex_set, cfg.max_new_tokens, src)
+        if cfg.gradient_checkpointing:  # renamed in transformers 5.2x; the old name still works on older 5.x
+            enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+            enable()
+        summary = train(cfg, student, teacher, tokenizer, train_set, kdrl.math_reward, eval_set)
+    except KDRLError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if "eval" in summary:
+        print("eval: " + " | ".join(f"{k} {v:.3f}" for k, v in summary["eval"].items()))
+    print(f"saved {Path(cfg.out) / 'checkpoint'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
