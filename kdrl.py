@@ -227,10 +227,10 @@ def _autocast_off(device: torch.device):
 
 
 class _FullKL(torch.autograd.Function):
-    """KL(softmax(s) ‖ softmax(t)) per row, chunked, with the analytic gradient ∇_s = p ⊙ (log p − log q − KL).
+    """KL(softmax(s) ‖ softmax(t)) per row, chunked, with the gradient ∇_s = p ⊙ (log p − log q − KL).
     Saves only its inputs: each chunk's log-softmaxes are rebuilt in the backward pass, in place (at most three
     (chunk, V) float32 tensors alive). Autocast is off in both passes, so every reduction is float32 inside the
-    update's bf16 autocast too. KL = Σ_v p (log p − log q) / Σ_v p: dividing by the float32 Σ_v p (1 up to rounding)
+    update's bf16 autocast too. KL = Σ_v p (log p − log q) / Σ_v p: dividing by the float32 Σ_v p (1 to rounding)
     cancels the rounding log p shares across a row, so Σ_v ∇_s = 0 up to the rounding of its terms."""
 
     @staticmethod
@@ -291,7 +291,7 @@ def full_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_si
 
 
 def kl_reward_to_go(logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-token KD return G_t = Σ_{t'≥t} γ^(t'−t) (teacher_logp − logp)_{t'} within each response. (B, T) → (B, T).
+    """Per-token KD return G_t = Σ_{t'≥t} γ^(t'−t) (teacher_logp − logp)_{t'}, per response. (B, T) → (B, T).
 
     −d_t = log π_T − log π is on-policy distillation's per-token reward (used with γ = 0); MiniLLM's objective is
     γ = 1. Masked positions add nothing and get G = 0; the result is detached (a reward, not a loss).
@@ -396,22 +396,22 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps_lo
 
 def trrd_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float,
                    clamp: float = 1.0) -> torch.Tensor:
-    """log ρ of RLAD's Trust-Region Ratio Distillation (Zhang et al. 2026, https://arxiv.org/abs/2602.22495): ρ_TRRD =
-    (π/π_old)^α · (π/π_T)^(1−α), with log(π/π_T) clamped to [−c, c] (paper: α = 0.5, c = 1). (B, T) each → (B, T);
-    old_logp and teacher_logp are constants. α = 1 is exactly GRPO's log(π/π_old). The ratio is not 1 even at μ = 1, so
-    the clip is active from the first step. The hard clamp passes no gradient outside [−c, c]: there the token's
-    gradient falls to α ∇log π."""
+    """log ρ of RLAD's Trust-Region Ratio Distillation (Zhang et al. 2026, https://arxiv.org/abs/2602.22495):
+    ρ_TRRD = (π/π_old)^α · (π/π_T)^(1−α), with log(π/π_T) clamped to [−c, c] (paper: α = 0.5, c = 1).
+    (B, T) each → (B, T); old_logp and teacher_logp are constants. α = 1 is exactly GRPO's log(π/π_old). The
+    ratio is not 1 even at μ = 1, so the clip is active from the first step. The hard clamp passes no gradient
+    outside [−c, c]: there the token's gradient falls to α ∇log π."""
     log_ratio_old = logp - old_logp.detach()  # (B, T)
     log_ratio_teacher = (logp - teacher_logp.detach()).clamp(-clamp, clamp)  # (B, T)
     return alpha * log_ratio_old + (1 - alpha) * log_ratio_teacher
 
 
 def kd_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str) -> torch.Tensor:
-    """KDRL's per-token KD term (kd_mode="loss"): w_t · k_t, the KL estimate k_t = kl_estimate(kind) of the sampled
-    token weighted by w_t = π/π_old (detached). (B, T) each → (B, T). Aggregated and times β, it is the β · KL(π ‖ π_T)
-    of J_KDRL (Xu et al. 2025, https://arxiv.org/abs/2506.02208). The weight, never clipped, makes a minibatch that
-    π_old sampled give the on-policy expected gradient (w = 1 exactly at μ = 1), for k2 the token-level reverse KL's
-    (see kl_estimate). The paper is silent on μ > 1."""
+    """KDRL's per-token KD term (kd_mode="loss"): w_t · k_t, the KL estimate k_t = kl_estimate(kind) of the
+    sampled token weighted by w_t = π/π_old (detached). (B, T) each → (B, T). Aggregated and times β, it is the
+    β · KL(π ‖ π_T) of J_KDRL (Xu et al. 2025, https://arxiv.org/abs/2506.02208). The weight, never clipped,
+    makes a minibatch that π_old sampled give the on-policy expected gradient (w = 1 exactly at μ = 1), for k2
+    the token-level reverse KL's (see kl_estimate). The paper is silent on μ > 1."""
     weight = torch.exp(logp.detach() - old_logp.detach())  # (B, T), π/π_old of the sampled token
     return weight * kl_estimate(logp, teacher_logp, kind)
 
@@ -715,7 +715,7 @@ def _chunk_logprobs_kl(head, hidden, targets, temperature, vocab_size, teacher_h
 
 def head_logprobs_and_kl(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_size: int,
                          teacher_head, teacher_hidden: torch.Tensor, chunk_size: int = 256) -> tuple:
-    """head_logprobs, and the exact KL(π ‖ π_T) of each row over the vocabulary. (N, H), (N,), (N, H_T) → (N,), (N,).
+    """head_logprobs, and each row's exact KL(π ‖ π_T) over the vocabulary. (N, H), (N,), (N, H_T) → (N,), (N,).
 
     kdrl-full's path: each chunk rebuilds both models' logits at temperature τ from final hidden states and output
     heads, feeds them to full_kl and frees them (under activation checkpointing with a gradient, which reaches

@@ -114,7 +114,8 @@ def validate_config(cfg: KDRLConfig) -> None:
 def method_features(cfg: KDRLConfig) -> dict[str, str]:
     """What makes cfg's method what it is, in words, keyed by the field that decides it. A config contradicts its
     method when one of these differs from its preset's (KDRLConfig.from_method(cfg.method)), so METHODS alone defines
-    each method. What is not here is a knob a flag may tune: the size of β, α, γ, ε, the annealing length, k2 or k3."""
+    each method. What is not here is a knob a flag may tune: the size of β, α, γ, ε, the annealing length,
+    k2 or k3."""
     kd = max(cfg.beta, cfg.beta_min or 0.0) > 0
     mask = "a KD mask (kd_mask 'response' or 'group')" if cfg.kd_mask != "none" else "kd_mask='none'"
     kind = "kd_kind='full', the exact KL" if cfg.kd_kind == "full" else "a sampled-token estimator (k2 or k3)"
