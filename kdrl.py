@@ -130,6 +130,11 @@ class KDRLConfig:
     """train by NLL on the teacher's samples instead of RL (the papers' SFT baseline; which ones: sft_keep)"""
     sft_keep: str = "correct"
     """SFT: "correct" keeps the teacher samples that ended and are correct; "all", every one that ended (unfiltered)"""
+    # --- sequential: distil, then RL (kd-then-grpo) ---
+    switch_step: int = 0
+    """kd-then-grpo: on-policy KD (no reward) before this step, GRPO (β = 0, fresh AdamW moments) after; 0: none"""
+    switch_patience: int = 0
+    """kd-then-grpo: switch earlier, once eval greedy accuracy has not beaten its best for N evals (0: never early)"""
     # --- optimisation ---
     lr: float = 1e-6
     """AdamW learning rate"""
@@ -166,7 +171,16 @@ METHODS: dict[str, dict] = {
     "rlad": dict(trrd_alpha=0.5, beta=0.0),
     "sft": dict(sft=True, beta=0.0),
     "sft-all": dict(sft=True, beta=0.0, sft_keep="all"),
+    "kd-then-grpo": dict(use_reward=False, beta=1.0, kd_kind="k2", switch_step=50),  # kd, then grpo: phase_config
 }
+
+
+def phase_config(cfg: KDRLConfig, switched: bool) -> KDRLConfig:
+    """kd-then-grpo, distillation then RL (against KDRL's joint loss): cfg (the kd preset's fields) before the switch,
+    GRPO's after (reward on, β = 0: no teacher pass). train.py decides when, and resets AdamW's moments there."""
+    if not switched:
+        return cfg
+    return dataclasses.replace(cfg, use_reward=True, beta=0.0, beta_min=None, beta_decay_steps=0)
 
 
 class KDRLError(ValueError):
@@ -273,16 +287,12 @@ def full_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_si
     chunk_size at a time, so the extra memory is O(chunk_size · V) float32, with grad or without."""
     s, t = student_logits, teacher_logits
     if s.shape[:-1] != t.shape[:-1]:
-        raise ValueError(
-            f"full_kl: student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ before the vocab dim"
-        )
-    if vocab_size is None:
-        if s.shape[-1] != t.shape[-1]:
-            raise ValueError(
-                f"full_kl: vocab widths differ (student {s.shape[-1]}, teacher {t.shape[-1]}); "
-                "pass vocab_size=len(tokenizer) to compare the shared columns"
-            )
-        vocab_size = s.shape[-1]
+        raise ValueError(f"full_kl: student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ "
+                         "before the vocab dim")
+    if vocab_size is None and s.shape[-1] != t.shape[-1]:
+        raise ValueError(f"full_kl: vocab widths differ (student {s.shape[-1]}, teacher {t.shape[-1]}); pass "
+                         "vocab_size=len(tokenizer) to compare the shared columns")
+    vocab_size = s.shape[-1] if vocab_size is None else vocab_size
     if vocab_size > min(s.shape[-1], t.shape[-1]):
         raise ValueError(f"full_kl: vocab_size={vocab_size} exceeds a logit width ({s.shape[-1]}, {t.shape[-1]})")
     lead = s.shape[:-1]
@@ -330,9 +340,8 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool =
     [0.1, 0.1, 0.1] leaves float residue that the std division turns into ±0.8 without eps, 0.007 with it.
     """
     if rewards.ndim != 1 or rewards.shape[0] % group_size:
-        raise ValueError(
-            f"grpo_advantages: rewards {tuple(rewards.shape)} is not a flat batch of groups of {group_size}"
-        )
+        raise ValueError(f"grpo_advantages: rewards {tuple(rewards.shape)} is not a flat batch of groups of "
+                         f"{group_size}")
     r, k = _in_power_of_two_units(rewards.view(-1, group_size))  # (num_groups, G) = rewards / 2^k, exactly
     centred = r - r.mean(dim=1, keepdim=True)  # (num_groups, G): R − mean, in units of 2^k
     if scale_by_std and group_size > 1:
@@ -486,16 +495,11 @@ def kdrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Te
     with torch.no_grad():
         below = (ratio < 1 - cfg.clip_eps_low) & (adv < 0)  # (B, T): clipped tokens, whose gradient is 0
         above = (ratio > 1 + cfg.clip_eps_high) & (adv > 0)  # (B, T)
-        metrics = dict(
-            pg_loss=pg_loss.item(),
-            kd_loss=kd_loss.item(),
-            kl_k1=_masked_mean(kl_estimate(logp, teacher_logp, "k1"), mask),
-            kl_k3=_masked_mean(kl_estimate(logp, teacher_logp, "k3"), mask),
-            entropy=-_masked_mean(logp, mask),
-            clip_frac=_masked_mean((below | above).to(logp.dtype), mask),
-            ratio=_masked_mean(ratio, mask),
-            kd_frac=kd_keep.sum().item() / max(mask.sum().item(), 1) if beta != 0 else 0.0,  # β = 0: no token gets KD
-        )
+        k1, k3 = (_masked_mean(kl_estimate(logp, teacher_logp, kind), mask) for kind in ("k1", "k3"))
+        metrics = dict(pg_loss=pg_loss.item(), kd_loss=kd_loss.item(), kl_k1=k1, kl_k3=k3,
+                       entropy=-_masked_mean(logp, mask), clip_frac=_masked_mean((below | above).to(logp.dtype), mask),
+                       ratio=_masked_mean(ratio, mask),
+                       kd_frac=kd_keep.sum().item() / max(mask.sum().item(), 1) if beta != 0 else 0.0)  # β = 0: no KD
     return loss, metrics
 
 
@@ -576,8 +580,7 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _scoring_temperature(temperature: float) -> float:
-    """The temperature log-probs are taken at: the sampling one, or 1 for greedy decoding (τ = 0), which has no
-    distribution of its own; its tokens are then reported under the model's plain softmax."""
+    """τ of the log-probs: the sampling one, or 1 for greedy decoding (τ = 0 has no distribution: plain softmax)."""
     return temperature or 1.0
 
 
@@ -673,8 +676,7 @@ def sample_rollouts(model, tokenizer, prompts: list[str], group_size: int, max_n
     return Rollouts(input_ids, attention_mask, resp_mask, logps, truncated=alive)
 
 
-# Config attributes of models whose logits are post-processed after the output head (soft-capping,
-# scaling). The chunked path applies the head alone, so such models take the full-logits fallback.
+# Config attributes of models whose logits are post-processed after the head: they take the full-logits path.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
 
 
@@ -914,9 +916,8 @@ def score_completions(reward_fn: Callable, examples: list[dict], completions: li
             scores.append(float(reward_fn(ex["prompt"], completion, ex)))
         except Exception as e:
             where = f"line {ex['_line']} " if "_line" in ex else ""
-            raise KDRLError(
-                f"reward function failed on example {where}(prompt {ex['prompt'][:60]!r}): {type(e).__name__}: {e}"
-            ) from e
+            raise KDRLError(f"reward function failed on example {where}(prompt {ex['prompt'][:60]!r}): "
+                            f"{type(e).__name__}: {e}") from e
     scores = torch.tensor(scores, dtype=torch.float32)
     has_answer = [extract_answer(completion) is not None for completion in completions]  # the format check
     bonus = torch.tensor([format_bonus * ok for ok in has_answer], dtype=torch.float32)
@@ -1027,9 +1028,8 @@ def policy_update(cfg: KDRLConfig, student, teacher, optimizer, *, rollouts: Rol
                                           trained_on[mb], cfg, beta, exact_kl=exact_kl, num_tokens=num_tokens,
                                           num_seqs=batch_size)
             if not torch.isfinite(loss):
-                bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}
-                found = bad or "none"
-                raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {found})")
+                bad = {name: value for name, value in metrics.items() if not math.isfinite(value)} or "none"
+                raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {bad})")
             loss.backward()
             parts.append((mask[mb].sum().item(), metrics))
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf")).item()

@@ -11,6 +11,7 @@ Llama and Qwen2 models and a character tokenizer built in code and saved to temp
 Nothing is downloaded. They run on CPU, or on a GPU with `KDRL_TEST_DEVICE=cuda python -m pytest -q` (the few
 that only mean something on CPU say why they skip there).
 """
+import copy
 import dataclasses
 import functools
 import itertools
@@ -790,6 +791,26 @@ def test_trrd_alpha1_is_grpo_exactly(agg, beta):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("switched, alone", [(False, "kd"), (True, "grpo")])
+def test_kd_then_grpo_phases_are_the_kd_and_grpo_presets(switched, alone):
+    """phase_config: before the switch, kd-then-grpo's config is the kd preset's, after it the grpo preset's, in
+    every field but the method's name and switch_step; so its loss (value, gradient) is theirs bit for bit, on a
+    batch where the clip bites, with β as beta_schedule gives it (the loop zeroes the advantages without a reward)."""
+    knobs = dict(group_size=2, max_new_tokens=8, clip_eps_low=0.1, clip_eps_high=0.15)
+    seq = kdrl.KDRLConfig.from_method("kd-then-grpo", switch_step=3, **knobs)
+    phase, ref = kdrl.phase_config(seq, switched), kdrl.KDRLConfig.from_method(alone, **knobs)
+    differ = {f.name for f in dataclasses.fields(ref) if getattr(phase, f.name) != getattr(ref, f.name)}
+    assert differ == {"method", "switch_step"}
+    logp, old, teacher, adv, mask, correct = _batch()
+    adv = adv if ref.use_reward else torch.zeros_like(adv)
+    beta = kdrl.beta_schedule(5, phase.beta, phase.beta_min, phase.beta_decay_steps)
+    got = _call(logp, old, teacher, adv, mask, correct, phase, beta)
+    want = _call(logp, old, teacher, adv, mask, correct, ref, kdrl.beta_schedule(5, ref.beta))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
+    assert got[2]["clip_frac"] > 0 or not switched
+    assert kdrl.needs_teacher(phase) is (not switched)
+
+
 @pytest.mark.parametrize("alpha", [0.5, 0.3, 0.0])
 def test_trrd_clamp_gradient(alpha):
     """With the clip out of the way, ∂loss/∂logp_t = −A·ρ_t·(∂log ρ_t/∂logp_t)/n, so ∂log ρ/∂logp is
@@ -1078,6 +1099,28 @@ def _tiny(kind: str, vocab_size: int, seed: int):
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(**common)).eval().to(DEVICE)
     return Qwen2ForCausalLM(Qwen2Config(**common)).eval().to(DEVICE)
+
+@pytest.mark.parametrize("switched, alone", [(False, "kd"), (True, "grpo")])
+def test_kd_then_grpo_train_step_is_kd_then_grpo(switched, alone):
+    """One kdrl.train_step of kd-then-grpo's phase (phase_config) and one of the kd or grpo preset, from the same
+    weights, optimizer state and RNG: the same metrics row and the same updated weights, bit for bit."""
+    tok = char_tokenizer(CHARS)
+    student, teacher = _tiny("llama", len(tok) + 2, 0), _tiny("qwen2", len(tok) + 5, 1)
+    batch = [{"prompt": f"{a}+{a}=", "answer": 2 * a} for a in range(1, 4)]
+    knobs = dict(group_size=4, prompts_per_step=3, max_new_tokens=6, lr=1e-2, mu=2, minibatch_size=4)
+    seq = kdrl.KDRLConfig.from_method("kd-then-grpo", switch_step=1, **knobs)
+    results = []
+    for cfg in (kdrl.phase_config(seq, switched), kdrl.KDRLConfig.from_method(alone, **knobs)):
+        model = copy.deepcopy(student)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        torch.manual_seed(7)
+        row = kdrl.train_step(cfg, 4, model, teacher, tok, optimizer, batch, kdrl.math_reward)
+        results.append(({k: v for k, v in row.items() if not k.startswith("time_")}, model.state_dict()))
+    (row_a, weights_a), (row_b, weights_b) = results
+    assert row_a == row_b and ("kl_k1" in row_a) is (not switched)
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert not all(torch.equal(weights_a[k], v) for k, v in student.state_dict().items())
+
 
 def test_test_device_is_validated():
     """KDRL_TEST_DEVICE is "cpu" or "cuda"; anything else, or "cuda" on a machine without CUDA, stops the run at

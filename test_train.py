@@ -517,6 +517,10 @@ def test_method_presets_are_one_entry_point_and_contradictions_are_refused(pair,
         (dict(method="kdrl-seq", kd_mode="loss"), "kd_mode='loss' contradicts method='kdrl-seq'"),
         (dict(method="kdrl-full", kd_kind="k2"), "kd_kind='k2' contradicts method='kdrl-full'"),
         (dict(method="kd", use_reward=True, beta=1.0), "use_reward=True contradicts method='kd'"),
+        (dict(method="kd", switch_step=10), "switch_step=10 contradicts method='kd'"),
+        (dict(method="kd-then-grpo", switch_step=0), "switch_step=0 contradicts method='kd-then-grpo'"),
+        (dict(method="kd-then-grpo", use_reward=True), "use_reward=True contradicts method='kd-then-grpo'"),
+        (dict(method="grpo", beta=0.0, switch_patience=2), "switch_patience=2 contradicts method='grpo'"),
     ]
     for fields, needle in refused:
         method = fields.pop("method")
@@ -526,7 +530,7 @@ def test_method_presets_are_one_entry_point_and_contradictions_are_refused(pair,
         assert needle in str(e.value), str(e.value)
     tuned = [("kd", dict(beta=0.5)), ("kdrl", dict(kd_kind="k3")), ("kdrl-mask", dict(kd_mask="group")),
              ("kdrl-anneal", dict(beta_decay_steps=200)), ("rlad", dict(trrd_alpha=0.3)),
-             ("kdrl-seq", dict(kd_gamma=0.5))]
+             ("kdrl-seq", dict(kd_gamma=0.5)), ("kd-then-grpo", dict(switch_step=7, switch_patience=2))]
     for method, knobs in tuned:
         train.validate_config(kdrl.KDRLConfig.from_method(method, **knobs))
     with pytest.raises(kdrl.KDRLError, match="contradicts method='grpo'"):
@@ -539,6 +543,64 @@ def test_method_presets_are_one_entry_point_and_contradictions_are_refused(pair,
     cfg = train.config_from_args(["--method", "kd", "--beta", "0.5"])
     assert cfg.beta == 0.5 and "--beta 0.5 overrides --method kd's beta=1.0" in capsys.readouterr().err
     assert train.config_from_args(["--method", "rlad", "--trrd-alpha", "none", "--beta-min", "none"]).trrd_alpha is None
+
+def test_stopped_improving_is_early_stopping():
+    """The patience rule: none of the last `patience` scores beats the best before them (a tie does not beat)."""
+    cases = [([], 1, False), ([0.3], 1, False), ([0.1, 0.2], 1, False), ([0.2, 0.2], 1, True), ([0.2, 0.1], 1, True),
+             ([0.1, 0.3, 0.2, 0.2], 2, True), ([0.1, 0.3, 0.2, 0.2], 3, False), ([0.1, 0.3, 0.2, 0.4], 2, False),
+             ([0.5, 0.1, 0.1], 0, False)]
+    for scores, patience, want in cases:
+        assert train.stopped_improving(scores, patience) is want, (scores, patience)
+
+def test_kd_then_grpo_trains_as_kd_then_grpo_and_resumes_exactly_across_the_switch(pair, tmp_path):
+    """Through main(): the steps before switch_step are the kd preset's run bit for bit (same seed, same batches);
+    from it on the rows are GRPO's (β = 0, no teacher scored, AdamW restarted). Stopping before the switch, at it or
+    after it and resuming gives the unbroken run's metrics and weights, bit for bit."""
+    flags = ("--seed", "3", "--mu", "2")
+    seq = (*flags, "--method", "kd-then-grpo", "--switch-step", "2")
+    full, kd = tmp_path / "full", tmp_path / "kd"
+    assert train.main(_argv(pair, full, *seq, "--steps", "4")) == 0
+    assert train.main(_argv(pair, kd, *flags, "--method", "kd", "--steps", "2")) == 0
+    rows = _steps(full)
+    assert [r["phase"] for r in rows] == ["kd", "kd", "grpo", "grpo"]
+    assert [{k: v for k, v in r.items() if k != "phase"} for r in rows[:2]] == _steps(kd)
+    assert all(r["beta"] == 0 and "kl_k1" not in r and "zero_adv_frac" in r for r in rows[2:])
+    for stop in (1, 2, 3):  # checkpoints before the switch, at it, after it
+        out = tmp_path / f"stop{stop}"
+        assert train.main(_argv(pair, out, *seq, "--steps", str(stop))) == 0
+        assert train.main(_argv(pair, out, *seq, "--steps", "4", "--resume")) == 0
+        assert _steps(out) == rows
+        wa, wb = (AutoModelForCausalLM.from_pretrained(d / "checkpoint").state_dict() for d in (full, out))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+def test_kd_then_grpo_patience_switches_where_the_rule_says_and_resumes_exactly(pair, tmp_path, capsys):
+    """With switch_patience and an eval set, the first GRPO step is the one after the first evaluation at which
+    stopped_improving holds (read back from the logged evaluations), before switch_step; a run stopped before that
+    evaluation, or at the switch, and resumed switches at the same step, bit for bit. Until it switches, the
+    evaluations that steer it may not change on resume; after it, no eval set is needed."""
+    base = ("--seed", "1", "--lr", "3e-2", "--method", "kd-then-grpo", "--switch-step", "5", "--switch-patience", "1")
+    flags = (*base, "--eval", str(pair / "train.jsonl"), "--eval-every", "1", "--eval-limit", "6")
+    full = tmp_path / "full"
+    assert train.main(_argv(pair, full, *flags, "--steps", "5")) == 0
+    logged = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["acc_greedy"] for r in logged if r.get("eval") and not r.get("final")]
+    first_grpo = next(i + 1 for i in range(len(scores)) if train.stopped_improving(scores[: i + 1], 1))
+    phases = [r["phase"] for r in _steps(full)]
+    assert 1 <= first_grpo < 5 and phases == ["kd"] * first_grpo + ["grpo"] * (5 - first_grpo)
+    for stop in (first_grpo - 1, first_grpo):  # before the evaluation that switches, and at the switch
+        out = tmp_path / f"stop{stop}"
+        if stop:
+            assert train.main(_argv(pair, out, *flags, "--steps", str(stop))) == 0
+            assert train.main(_argv(pair, out, *flags, "--steps", "5", "--resume")) == 0
+            assert _steps(out) == _steps(full)
+    _fails(_argv(pair, tmp_path / "x", *base, "--steps", "2"), capsys, "switch_patience needs an eval set")
+    early = tmp_path / "early"
+    assert train.main(_argv(pair, early, *flags, "--steps", "1")) == 0
+    if first_grpo > 1:  # not switched yet at its checkpoint: the evaluations that decide it are fixed
+        _fails(_argv(pair, early, *flags[:-2], "--eval-limit", "5", "--steps", "3", "--resume"), capsys,
+               "has not switched yet", "eval_limit (checkpoint 6, now 5)")
+    assert train.main(_argv(pair, full, *base, "--steps", "6", "--resume")) == 0  # switched: no eval set needed
+    assert len(_steps(full)) == 6
 
 @pytest.fixture(scope="module")
 def one_step_run(pair, tmp_path_factory):
@@ -656,7 +718,7 @@ def test_interrupted_save_keeps_a_good_checkpoint(pair, one_step_run, tmp_path, 
     monkeypatch.undo()
     assert train.load_checkpoint(out / "checkpoint", model, optimizer) == 1  # the good one, step 1, survived
 
-TRL_METHODS = [m for m in kdrl.METHODS if m not in ("sft", "sft-all", "kdrl-full")]
+TRL_METHODS = [m for m in kdrl.METHODS if m not in ("sft", "sft-all", "kdrl-full", "kd-then-grpo")]
 
 @pytest.fixture(scope="module")
 def train_trl():
@@ -796,6 +858,7 @@ def test_trl_refuses_bad_input_like_kdrl(train_trl, pair, tmp_path, capsys):
     fails(_trl_argv(pair, out, "--student", str(tmp_path / "nomodel")), "--student", "no such directory")
     fails(_trl_argv(pair, out, "--method", "sft"), "SFTTrainer")
     fails(_trl_argv(pair, out, "--method", "kdrl-full"), "kdrl-full", "run it with train.py")
+    fails(_trl_argv(pair, out, "--method", "kd-then-grpo"), "kd-then-grpo", "run it with train.py")
     fails(_trl_argv(pair, out, "--method", "kdrl-seq"), "--kd-baseline none")
     assert not (out / "checkpoint").exists()
     with pytest.raises(kdrl.KDRLError, match="9 responses do not split over 2 processes"):

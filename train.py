@@ -73,6 +73,8 @@ def validate_config(cfg: KDRLConfig) -> None:
         ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
         ("max_grad_norm", cfg.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
         ("beta_decay_steps", cfg.beta_decay_steps >= 0, ">= 0"),
+        ("switch_step", cfg.switch_step >= 0, ">= 0"),
+        ("switch_patience", cfg.switch_patience >= 0, ">= 0"),
         ("save_every", cfg.save_every >= 0, ">= 0"),
         ("eval_every", cfg.eval_every >= 0, ">= 0"),
         ("eval_limit", cfg.eval_limit >= 1, ">= 1"),
@@ -130,6 +132,7 @@ def method_features(cfg: KDRLConfig) -> dict[str, str]:
         kd_kind=kind if kd and cfg.kd_mode == "loss" else "",
         beta_min="annealing (a beta_min and beta_decay_steps >= 1)" if annealed else "no annealing (beta_min=None)",
         trrd_alpha="trrd_alpha set (TRRD's ratio)" if cfg.trrd_alpha is not None else "trrd_alpha=None",
+        switch_step="a switch to grpo (switch_step >= 1)" if cfg.switch_step else "no switch (switch_step=0)",
     )
 
 
@@ -146,6 +149,9 @@ def method_conflicts(cfg: KDRLConfig) -> list[str]:
     if kd_loss and cfg.kd_kind == "k1":  # E_{y~π}[∇ log π(y)] = 0 (kdrl-seq's reward mode uses k1 soundly)
         out.append(f"kd_kind='k1' contradicts method={cfg.method!r}: in the loss, k1 = log π − log π_T has zero "
                    "expected gradient (E[∇ log π] = 0), so the KD term adds only noise; use k2, k3 or full")
+    if cfg.switch_patience and not cfg.switch_step:
+        out.append(f"switch_patience={cfg.switch_patience} contradicts method={cfg.method!r}: only a method that "
+                   "switches (kd-then-grpo) has a switch to bring forward")
     if cfg.trrd_alpha == 1.0:
         out.append(f"trrd_alpha=1.0 contradicts method={cfg.method!r}: (π/π_old)^1 · (π/π_T)^0 leaves the teacher "
                    "out of the ratio, which is exactly grpo; use trrd_alpha < 1")
@@ -182,38 +188,66 @@ def train(
     Writes <out>/config.json, <out>/metrics.jsonl (one line per step; eval lines carry "eval": true) and
     <out>/checkpoint (every save_every steps and at the end). Every forward pass, evaluation's included, runs under
     bfloat16 autocast when cfg.dtype resolves to bfloat16 ("auto" on CUDA), over float32 master weights.
+
+    kd-then-grpo (cfg.switch_step ≥ 1) runs kdrl.phase_config's KD phase, then its GRPO phase from the first step
+    `at`, with AdamW's moments reset there: `at` is switch_step, or earlier with switch_patience, the step after the
+    first evaluation (every eval_every steps, on eval_set) at which stopped_improving holds. Its rows carry "phase".
     """
     from tqdm.auto import tqdm
 
-    out_dir, optimizer, start = _start_run(cfg, student, teacher, train_set)  # validate, seed, resume
+    out_dir, optimizer, start, switch = _start_run(cfg, student, teacher, train_set)  # validate, seed, resume
+    if cfg.switch_patience and switch["at"] is None and not (eval_set and cfg.eval_every):
+        raise KDRLError("switch_patience needs an eval set and eval_every >= 1 until it switches: it switches when "
+                        "the eval accuracy stops improving")
     end_ids = kdrl.end_token_ids(tokenizer, student, teacher)
     timer, tokens_seen = Timer(), 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress,
                dynamic_ncols=True)
     for step in bar:
+        if cfg.switch_step and switch["at"] is None and step >= cfg.switch_step:
+            switch["at"] = step  # the fixed switch, when the patience rule has not switched earlier
+        if switch["at"] == step:
+            optimizer.state.clear()  # GRPO starts from the distilled weights with fresh AdamW moments, as a new run
+        switched = switch["at"] is not None and step >= switch["at"]
         batch = [train_set[i] for i in batch_for_step(len(train_set), step, cfg.prompts_per_step, cfg.seed)]
         with _name_step_in_errors(step, out_dir / "checkpoint"):
-            row = kdrl.train_step(cfg, step, student, teacher, tokenizer, optimizer, batch, reward_fn, end_ids=end_ids)
+            row = kdrl.train_step(kdrl.phase_config(cfg, switched), step, student, teacher, tokenizer, optimizer,
+                                  batch, reward_fn, end_ids=end_ids)
+        if cfg.switch_step:
+            row["phase"] = "grpo" if switched else "kd"
         for phase in ("sampling", "teacher", "update"):
             timer[phase] = timer.get(phase, 0.0) + row[f"time_{phase}"]
         tokens_seen += row["tokens"]
         _log_step(cfg, bar, out_dir / "metrics.jsonl", row)
-        if _due(cfg.eval_every, step, cfg.steps) and eval_set:
+        # the patience rule evaluates every eval_every steps, a run's last step included (unlike _due: the final
+        # evaluation is not one of its), so that a run stopped and resumed anywhere switches where an unbroken one does
+        watching = cfg.switch_patience and switch["at"] is None and (step + 1) % cfg.eval_every == 0
+        if (_due(cfg.eval_every, step, cfg.steps) or watching) and eval_set:
             with timer("eval"):
                 examples = eval_set[: cfg.eval_limit]
                 eval_metrics = _evaluate_aside(student, tokenizer, examples, reward_fn, cfg, end_ids, step)
             _append_row(out_dir / "metrics.jsonl", dict(step=step, eval=True, **eval_metrics))
+            if watching:
+                switch["scores"].append(eval_metrics["acc_greedy"])
+                if stopped_improving(switch["scores"], cfg.switch_patience):
+                    switch["at"] = step + 1
         if _due(cfg.save_every, step, cfg.steps):
-            save_checkpoint(out_dir, step + 1, student, tokenizer, optimizer, cfg)
+            save_checkpoint(out_dir, step + 1, student, tokenizer, optimizer, cfg, switch)
     bar.close()
     return _finish_run(cfg, out_dir, student, tokenizer, optimizer, start, eval_set, reward_fn, end_ids, timer,
-                       tokens_seen)
+                       tokens_seen, switch)
 
 
-def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict]) -> tuple[Path, torch.optim.Optimizer, int]:
+def stopped_improving(scores: list[float], patience: int) -> bool:
+    """Early stopping's rule, kd-then-grpo's switch_patience: True when none of the last `patience` scores beats the
+    best one before them (a tie does not beat it). scores: every evaluation so far, oldest first; patience 0: never."""
+    return patience > 0 and len(scores) > patience and max(scores[-patience:]) <= max(scores[:-patience])
+
+
+def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict]) -> tuple:
     """Validate, seed, prepare both models, build AdamW and, with cfg.resume, restore the checkpoint; write
     config.json and start metrics.jsonl (on resume, keeping the rows of the steps already done).
-    Returns (output directory, optimizer, first step)."""
+    Returns (output directory, optimizer, first step, kd-then-grpo's switch state: see load_switch_state)."""
     validate_config(cfg)
     if not train_set:
         raise KDRLError("the training set is empty")
@@ -226,6 +260,7 @@ def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict]) -> tupl
     disable_dropout(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = load_checkpoint(out_dir / "checkpoint", student, optimizer, cfg) if cfg.resume else 0
+    switch = load_switch_state(out_dir / "checkpoint") if cfg.resume else dict(at=None, scores=[])
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     metrics_path = out_dir / "metrics.jsonl"
     kept = []
@@ -235,7 +270,7 @@ def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict]) -> tupl
     if kdrl.uses_exact_kl(cfg):  # before any step, not at the first teacher pass
         for model in (student, teacher):
             kdrl.check_logits_rebuildable(model)
-    return out_dir, optimizer, start
+    return out_dir, optimizer, start, switch
 
 
 def disable_dropout(model) -> None:
@@ -310,11 +345,11 @@ def _due(every: int, step: int, steps: int) -> bool:
 
 
 def _finish_run(cfg: KDRLConfig, out_dir: Path, student, tokenizer, optimizer, start: int, eval_set, reward_fn,
-                end_ids, timer: "Timer", tokens_seen: int) -> dict:
+                end_ids, timer: "Timer", tokens_seen: int, switch: dict) -> dict:
     """The final checkpoint and evaluation, then the time breakdown and tokens/s, printed and returned."""
     summary = {}
     if start < cfg.steps:
-        save_checkpoint(out_dir, cfg.steps, student, tokenizer, optimizer, cfg)
+        save_checkpoint(out_dir, cfg.steps, student, tokenizer, optimizer, cfg, switch)
     if eval_set:
         with timer("eval"):
             examples = eval_set[: cfg.eval_limit]
@@ -418,9 +453,11 @@ def _set_rng_state(state: dict, device: torch.device) -> Optional[str]:
     return None
 
 
-def save_checkpoint(out_dir: Path, step: int, student, tokenizer, optimizer, cfg: KDRLConfig) -> Path:
+def save_checkpoint(out_dir: Path, step: int, student, tokenizer, optimizer, cfg: KDRLConfig,
+                    switch: Optional[dict] = None) -> Path:
     """Write <out_dir>/checkpoint atomically: build it in a temporary directory, then rename it into place,
-    so an interrupted save never leaves a half-written checkpoint and the last good one survives."""
+    so an interrupted save never leaves a half-written checkpoint and the last good one survives.
+    switch: kd-then-grpo's switch state (train), so that a resumed run switches where an unbroken one does."""
     final, tmp, old = out_dir / "checkpoint", out_dir / ".checkpoint.tmp", out_dir / ".checkpoint.old"
     if not final.exists() and old.exists():  # a save was interrupted between its renames: put the good one back
         old.rename(final)
@@ -428,7 +465,9 @@ def save_checkpoint(out_dir: Path, step: int, student, tokenizer, optimizer, cfg
     student.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "kdrl_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    torch.save(dict(step=step, optimizer=optimizer.state_dict(), rng=_rng_state()), tmp / "trainer_state.pt")
+    switch = switch or dict(at=None, scores=[])
+    torch.save(dict(step=step, optimizer=optimizer.state_dict(), rng=_rng_state(), switch=switch),
+               tmp / "trainer_state.pt")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
@@ -474,8 +513,7 @@ def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = 
     unpickled as code: trainer_state.pt loads with weights_only=True, the weights from safetensors.
     A checkpoint resumes on another device (GPU to CPU and back, fewer GPUs): what cannot be restored (part of the
     RNG state) is named in a note on stderr, and such a resume continues the run but not bit for bit."""
-    if not (path / "trainer_state.pt").exists() and (path.parent / ".checkpoint.old" / "trainer_state.pt").exists():
-        path = path.parent / ".checkpoint.old"
+    path = _saved_checkpoint(path)
     if not (path / "trainer_state.pt").exists():
         raise KDRLError(f"--resume: no checkpoint at {path} (missing trainer_state.pt)")
     try:
@@ -486,6 +524,8 @@ def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = 
         raise KDRLError(f"--resume: cannot read the checkpoint in {path} ({type(e).__name__}: {e})") from None
     if cfg is not None:
         check_resume_config(saved_cfg, cfg, path, state["step"])
+        if cfg.switch_patience and state.get("switch", {}).get("at") is None:
+            check_patience_evals(saved_cfg, cfg, path)
     saved = type(student).from_pretrained(path, dtype=next(student.parameters()).dtype)
     student.load_state_dict(saved.state_dict())
     optimizer.load_state_dict(state["optimizer"])
@@ -493,6 +533,30 @@ def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = 
     if lost:
         print(f"note: --resume: {lost}; resuming across devices is not bit-exact", file=sys.stderr)
     return state["step"]
+
+
+def _saved_checkpoint(path: Path) -> Path:
+    """path, or the previous checkpoint beside it when a save was interrupted between its two renames."""
+    if not (path / "trainer_state.pt").exists() and (path.parent / ".checkpoint.old" / "trainer_state.pt").exists():
+        return path.parent / ".checkpoint.old"
+    return path
+
+
+def load_switch_state(path: Path) -> dict:
+    """kd-then-grpo's switch state in a checkpoint (after load_checkpoint, which checks it): {"at": the first GRPO
+    step, or None before the switch, "scores": the eval accuracies the patience rule read}. Other methods: none."""
+    state = torch.load(_saved_checkpoint(path) / "trainer_state.pt", map_location="cpu", weights_only=True)
+    return state.get("switch", dict(at=None, scores=[]))
+
+
+def check_patience_evals(saved: dict, cfg: KDRLConfig, path: Path) -> None:
+    """Before its switch, a kd-then-grpo run with switch_patience is steered by its evaluations: refuse a resume
+    that would change them (eval, eval_every, eval_limit may change on any other resume)."""
+    diffs = [f"{name} (checkpoint {saved.get(name)!r}, now {getattr(cfg, name)!r})"
+             for name in ("eval", "eval_every", "eval_limit") if saved.get(name) != getattr(cfg, name)]
+    if diffs:
+        raise KDRLError(f"--resume: {path} has not switched yet and switch_patience decides when from its evaluations, "
+                        f"so they must not change: " + "; ".join(diffs))
 
 
 # -----------------------------------------------------------------------------

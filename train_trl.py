@@ -35,8 +35,8 @@ the teacher's correct samples), and kd_kind="full" (kdrl-full): train.py compute
 keeping the teacher's final hidden states and calling its output head chunk by chunk inside the update, which here
 would mean carrying (B, T, H) states through TRL's batch shuffling and calling a head that ZeRO-3 / FSDP shard
 outside the teacher's forward. kd_baseline="loo" (kdrl-seq's default) is refused: its leave-one-out baseline needs
-whole groups in each micro-batch, which TRL's shuffle splits (pass --kd-baseline none). Multimodal inputs are refused
-too: kdrl trains text-only models.
+whole groups in each micro-batch, which TRL's shuffle splits (pass --kd-baseline none). kd-then-grpo is refused: its
+switch from KD to GRPO lives in train.py's loop. Multimodal inputs are refused too: kdrl trains text-only models.
 
 Differences from train.py's own loop, all from TRL: the data order (TRL's seeded sampler, not batch_for_step),
 the sampler (transformers' generate or vLLM, not kdrl.sample_rollouts), checkpoints (TRL's checkpoint-N folders,
@@ -354,6 +354,11 @@ def check_supported(cfg: kdrl.KDRLConfig) -> None:
         raise kdrl.KDRLError(
             "--kd-kind full (kdrl-full) is refused here: its chunked exact KL calls the teacher's output head inside "
             "the update, outside the teacher's forward (sharded under ZeRO-3 / FSDP); run it with train.py, or use k2"
+        )
+    if cfg.switch_step:
+        raise kdrl.KDRLError(
+            f"--method {cfg.method} is refused here: its switch from KD to GRPO (and the reset of AdamW's moments with "
+            "it) lives in train.py's loop; run it with train.py"
         )
 
 
