@@ -254,6 +254,23 @@ def test_demo_smoke_runs_every_arm(tmp_path):
         assert len(_steps(tmp_path / f"{m}-seed0")) == train_tiny.PRESETS["smoke"].rl["steps"]
     betas = {r["beta"] for r in result["rows"] if r["method"] in train_tiny.BETA_ARMS}
     assert betas == set(train_tiny.BETA_ARMS.values())
+    phases = [r["phase"] for r in _steps(tmp_path / "kd-then-grpo-seed0")]  # KD, then GRPO from its switch on
+    switch = next(r["switch_step"] for r in result["rows"] if r["method"] == "kd-then-grpo")
+    assert phases == ["kd"] * switch + ["grpo"] * (len(phases) - switch) and 0 < switch < len(phases)
+    assert "| kd-then-grpo | 1 |" in table.split("Sample efficiency")[1]  # the second table has every arm too
+
+def test_sample_efficiency_measures_against_hand_computed_values():
+    """crossing interpolates linearly between the two evaluations around the first crossing (in steps or seconds),
+    is the start when the start is already there and None when never; area is the trapezoid mean over the run."""
+    curve = [dict(step=0, wall_s=0.0, id_A=0.2), dict(step=10, wall_s=4.0, id_A=0.25),
+             dict(step=20, wall_s=6.0, id_A=0.35), dict(step=30, wall_s=9.0, id_A=0.31)]
+    assert train_tiny.crossing(curve, "id_A", 0.3) == pytest.approx(15.0)
+    assert train_tiny.crossing(curve, "id_A", 0.3, x="wall_s") == pytest.approx(5.0)
+    assert train_tiny.crossing(curve, "id_A", 0.2) == 0 and train_tiny.crossing(curve, "id_A", 0.4) is None
+    assert train_tiny.area(curve, "id_A") == pytest.approx((2.25 + 3.0 + 3.3) / 30)
+    row = train_tiny.add_efficiency(dict(curve=curve), 0.4)  # never reached: capped at the run's budget
+    assert (row["a_steps"], row["a_steps_capped"], row["a_wall_capped"]) == (None, 30, 9.0)
+    assert row["a_area"] == pytest.approx((2.25 + 3.0 + 3.3) / 30)
 
 def test_demo_is_deterministic_on_one_machine(tmp_path):
     """The README's reproducibility claim, and no more: the same command on the same machine (same torch, same thread
@@ -264,7 +281,7 @@ def test_demo_is_deterministic_on_one_machine(tmp_path):
     def numbers(out):
         result = train_tiny.main(["--preset", "smoke", "--out", str(out), "--methods", "grpo,kdrl,sft", "--device",
                                   DEVICE])
-        drop = ("wall_s",)
+        drop = ("wall_s", "eval_s", "cpu_s", "a_wall", "a_wall_capped")  # seconds, and seconds to the A threshold
         rows = [{k: (v if k != "curve" else [{c: x for c, x in point.items() if c not in drop} for point in v])
                  for k, v in row.items() if k not in drop} for row in result["rows"]]
         return rows, [_steps(out / f"{m}-seed0") for m in ("grpo", "kdrl", "sft")]  # losses, KL, rewards per step
