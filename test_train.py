@@ -259,6 +259,14 @@ def test_demo_smoke_runs_every_arm(tmp_path):
     assert phases == ["kd"] * switch + ["grpo"] * (len(phases) - switch) and 0 < switch < len(phases)
     assert "| kd-then-grpo | 1 |" in table.split("Sample efficiency")[1]  # the second table has every arm too
 
+def test_demo_refuses_counts_below_one(tmp_path, capsys):
+    """--seeds, --steps and --workers below 1 are refused by name, before anything runs or is written."""
+    for flag in ("--seeds", "--steps", "--workers"):
+        with pytest.raises(SystemExit):
+            train_tiny.main(["--preset", "smoke", "--out", str(tmp_path / "o"), flag, "0"])
+        assert f"{flag} 0: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
 def test_sample_efficiency_measures_against_hand_computed_values():
     """crossing interpolates linearly between the two evaluations around the first crossing (in steps or seconds),
     is the start when the start is already there and None when never; area is the trapezoid mean over the run."""

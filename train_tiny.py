@@ -1298,6 +1298,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="runs/tiny", help="output directory")
     parser.add_argument("--cache", default=None, help="where the teacher is cached (default: <out>/cache)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="post-training steps of every arm (default: the preset's, 150 on cpu)")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes running the jobs side by side, one thread each (default: the preset's)")
     parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds − 1")
@@ -1354,7 +1356,11 @@ def main(argv=None) -> dict:
         else:
             print("no GPU found: using the cpu preset (--preset gpu/smoke to override)")
     p = PRESETS[args.preset]
-    p = replace(p, seeds=args.seeds or p.seeds, workers=args.workers or p.workers,
+    for name in ("seeds", "steps", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    rl = {**p.rl, "steps": args.steps or p.rl["steps"]}
+    p = replace(p, seeds=args.seeds or p.seeds, workers=args.workers or p.workers, rl=rl,
                 **(STARTS[args.start] if args.preset != "smoke" else {}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
