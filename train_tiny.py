@@ -1,7 +1,7 @@
 """
 train_tiny.py: the KDRL comparison on tiny models, from scratch, with no downloads.
 
-    python train_tiny.py                   # cpu preset without a GPU (2 seeds, 9 arms, 2 worker processes), else gpu
+    python train_tiny.py                   # cpu preset without a GPU (2 seeds, 7 arms, 2 worker processes), else gpu
     python train_tiny.py --start weak      # the regime where GRPO starves: a student stopped at 5%, not 20%
     python train_tiny.py --preset smoke    # about 10 s, tiny everything: checks the plumbing, not the methods
     python train_tiny.py --check-gpu       # on a GPU: the tests on it, the smoke preset and the bench, in one go
@@ -149,10 +149,11 @@ class Preset:
 RL_CPU = dict(steps=150, prompts_per_step=8, group_size=8, lr=1e-4, max_new_tokens=28, temperature=1.0,
               minibatch_size=64)
 # The arms that test the predictions (the docstring's); `--methods all` adds kdrl-b0.02, kdrl-seq and kdrl-full. The
-# cpu preset leaves out kdrl-mask (β = 0.1) and rlad, whose predictions are the weakest, to fit 10 minutes.
+# cpu preset leaves out kdrl-mask (β = 0.1), rlad, sft-all and kdrl-anneal (predictions 4's second half, 7's second,
+# 8 and 10's first) to fit 10 minutes on 2 cores: with them, 2 seeds took 610 s on a fresh clone, teacher cached.
 PREDICTION_ARMS = ("grpo", "kd", "sft", "sft-all", "kdrl", "kdrl-b0.5", "kdrl-mask", "kdrl-mask-b0.5", "kdrl-anneal",
                    "rlad", "kd-then-grpo")
-CPU_ARMS = tuple(arm for arm in PREDICTION_ARMS if arm not in ("kdrl-mask", "rlad"))
+CPU_ARMS = tuple(arm for arm in PREDICTION_ARMS if arm not in ("kdrl-mask", "rlad", "sft-all", "kdrl-anneal"))
 PRESETS = {
     "smoke": Preset(n_train=300, n_val=16, n_test=16, n_ood=16, teacher_steps=20, student_steps=5, sft_batch=16,
                     teacher=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2),
@@ -1197,13 +1198,14 @@ def _run_demo(p: Preset, preset: str, arms: list[str], out: Path, device, start:
 # What the duration printed before a run rests on, per device: seconds of one job (one thread) per post-training step
 # of 8 prompts × 8 samples ("step"; the arms that score with the teacher take teacher_scored times as long, those that
 # sample it teacher_sampled times), per 1,000 greedy evaluations, per student start, per supervised teacher step.
-# cpu: measured on this project's 2-core machine while it was otherwise idle (one thread was as fast as two: 25.5 s
-# against 24.8 s, median of 3 paired runs of 40 grpo + 40 kd steps and one evaluation); cuda: assumed, not measured
-# (no GPU was lent): tiny models leave a GPU waiting on Python, ~5 ms per sampled token whatever the batch, so a step
+# cpu: measured on this project's 2-core machine, quiet, with two jobs side by side as the cpu preset runs them (each
+# is slower than alone: 0.25 s a grpo step, against 0.17 s for one job alone), from the 3-seed run in docs/results.md
+# (985 s; this table predicts 956 s) and a fresh clone's teacher (271 s, 800 steps); cuda: assumed, not measured (no
+# GPU was lent): tiny models leave a GPU waiting on Python, ~5 ms per sampled token whatever the batch, so a step
 # costs about the same at 32 prompts as at 8.
 STEP_COST = dict(
-    cpu=dict(step=0.17, per_prompt=1.0, teacher_scored=1.35, teacher_sampled=1.4, eval_1000=0.9, start=10.0,
-             teacher_step=0.2, source="measured on this project's 2-core CPU machine, idle"),
+    cpu=dict(step=0.25, per_prompt=1.0, teacher_scored=1.4, teacher_sampled=1.43, eval_1000=1.1, start=20.0,
+             teacher_step=0.34, source="measured on this project's 2-core CPU machine, two jobs side by side"),
     cuda=dict(step=0.25, per_prompt=0.0, teacher_scored=1.15, teacher_sampled=1.3, eval_1000=0.3, start=5.0,
               teacher_step=0.03, source="assumed for an H100-class GPU, not measured"),
 )
