@@ -259,6 +259,13 @@ def test_demo_smoke_runs_every_arm(tmp_path):
     assert phases == ["kd"] * switch + ["grpo"] * (len(phases) - switch) and 0 < switch < len(phases)
     assert "| kd-then-grpo | 1 |" in table.split("Sample efficiency")[1]  # the second table has every arm too
 
+def test_demo_runs_fewer_steps_than_curve_points(tmp_path):
+    """--steps below the preset's number of curve evaluations still runs (each segment at least one step)."""
+    result = train_tiny.main(["--preset", "smoke", "--out", str(tmp_path), "--methods", "grpo,kd-then-grpo",
+                              "--steps", "1", "--device", DEVICE])
+    runs = [row for row in result["rows"] if row["method"] in ("grpo", "kd-then-grpo")]
+    assert [point["step"] for point in runs[0]["curve"]] == [0, 1] and all(len(run["curve"]) == 2 for run in runs)
+
 def test_demo_refuses_counts_below_one(tmp_path, capsys):
     """--seeds, --steps and --workers below 1 are refused by name, before anything runs or is written."""
     for flag in ("--seeds", "--steps", "--workers"):
@@ -590,6 +597,9 @@ def test_kd_then_grpo_trains_as_kd_then_grpo_and_resumes_exactly_across_the_swit
     assert [r["phase"] for r in rows] == ["kd", "kd", "grpo", "grpo"]
     assert [{k: v for k, v in r.items() if k != "phase"} for r in rows[:2]] == _steps(kd)
     assert all(r["beta"] == 0 and "kl_k1" not in r and "zero_adv_frac" in r for r in rows[2:])
+    # AdamW restarted at the switch: 2 GRPO steps × μ = 2 optimizer steps since, not 8 since the start
+    adam = torch.load(full / "checkpoint" / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    assert adam and {float(state["step"]) for state in adam.values()} == {4.0}
     for stop in (1, 2, 3):  # checkpoints before the switch, at it, after it
         out = tmp_path / f"stop{stop}"
         assert train.main(_argv(pair, out, *seq, "--steps", str(stop))) == 0
@@ -619,6 +629,7 @@ def test_kd_then_grpo_patience_switches_where_the_rule_says_and_resumes_exactly(
             assert train.main(_argv(pair, out, *flags, "--steps", "5", "--resume")) == 0
             assert _steps(out) == _steps(full)
     _fails(_argv(pair, tmp_path / "x", *base, "--steps", "2"), capsys, "switch_patience needs an eval set")
+    assert not (tmp_path / "x").exists()  # refused before anything is written
     early = tmp_path / "early"
     assert train.main(_argv(pair, early, *flags, "--steps", "1")) == 0
     if first_grpo > 1:  # not switched yet at its checkpoint: the evaluations that decide it are fixed
@@ -626,6 +637,13 @@ def test_kd_then_grpo_patience_switches_where_the_rule_says_and_resumes_exactly(
                "has not switched yet", "eval_limit (checkpoint 6, now 5)")
     assert train.main(_argv(pair, full, *base, "--steps", "6", "--resume")) == 0  # switched: no eval set needed
     assert len(_steps(full)) == 6
+    # a checkpoint at the fixed switch_step, the patience rule never having fired: the next step is GRPO's, so the
+    # resume needs no eval set
+    patient = (*base[:-1], "9")
+    at_switch = tmp_path / "at_switch"
+    assert train.main(_argv(pair, at_switch, *patient, *flags[len(base):], "--steps", "5")) == 0
+    assert train.main(_argv(pair, at_switch, *patient, "--steps", "7", "--resume")) == 0
+    assert [r["phase"] for r in _steps(at_switch)] == ["kd"] * 5 + ["grpo"] * 2
 
 @pytest.fixture(scope="module")
 def one_step_run(pair, tmp_path_factory):

@@ -195,10 +195,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    out_dir, optimizer, start, switch = _start_run(cfg, student, teacher, train_set)  # validate, seed, resume
-    if cfg.switch_patience and switch["at"] is None and not (eval_set and cfg.eval_every):
-        raise KDRLError("switch_patience needs an eval set and eval_every >= 1 until it switches: it switches when "
-                        "the eval accuracy stops improving")
+    out_dir, optimizer, start, switch = _start_run(cfg, student, teacher, train_set, eval_set)  # validate, resume
     end_ids = kdrl.end_token_ids(tokenizer, student, teacher)
     timer, tokens_seen = Timer(), 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress,
@@ -244,15 +241,14 @@ def stopped_improving(scores: list[float], patience: int) -> bool:
     return patience > 0 and len(scores) > patience and max(scores[-patience:]) <= max(scores[:-patience])
 
 
-def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict]) -> tuple:
-    """Validate, seed, prepare both models, build AdamW and, with cfg.resume, restore the checkpoint; write
-    config.json and start metrics.jsonl (on resume, keeping the rows of the steps already done).
+def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict], eval_set: Optional[list[dict]]) -> tuple:
+    """Validate, seed, prepare both models, build AdamW and, with cfg.resume, restore the checkpoint; then, every
+    check passed, write config.json and start metrics.jsonl (on resume, keeping the rows of the steps already done).
     Returns (output directory, optimizer, first step, kd-then-grpo's switch state: see load_switch_state)."""
     validate_config(cfg)
     if not train_set:
         raise KDRLError("the training set is empty")
     out_dir = Path(cfg.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     student.eval()  # the update must score the policy that sampled
@@ -261,15 +257,21 @@ def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict]) -> tupl
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = load_checkpoint(out_dir / "checkpoint", student, optimizer, cfg) if cfg.resume else 0
     switch = load_switch_state(out_dir / "checkpoint") if cfg.resume else dict(at=None, scores=[])
+    if cfg.switch_step and switch["at"] is None and start >= cfg.switch_step:
+        switch["at"] = start  # a checkpoint written at the fixed switch: its first step is GRPO's
+    if cfg.switch_patience and switch["at"] is None and not (eval_set and cfg.eval_every):
+        raise KDRLError("switch_patience needs an eval set and eval_every >= 1 until it switches: it switches when "
+                        "the eval accuracy stops improving")
+    if kdrl.uses_exact_kl(cfg):  # before any step, not at the first teacher pass
+        for model in (student, teacher):
+            kdrl.check_logits_rebuildable(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     metrics_path = out_dir / "metrics.jsonl"
     kept = []
     if cfg.resume and metrics_path.exists():
         kept = [line for line in metrics_path.read_text().splitlines() if _keep_on_resume(json.loads(line), start)]
     metrics_path.write_text("".join(line + "\n" for line in kept))
-    if kdrl.uses_exact_kl(cfg):  # before any step, not at the first teacher pass
-        for model in (student, teacher):
-            kdrl.check_logits_rebuildable(model)
     return out_dir, optimizer, start, switch
 
 
@@ -524,7 +526,7 @@ def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = 
         raise KDRLError(f"--resume: cannot read the checkpoint in {path} ({type(e).__name__}: {e})") from None
     if cfg is not None:
         check_resume_config(saved_cfg, cfg, path, state["step"])
-        if cfg.switch_patience and state.get("switch", {}).get("at") is None:
+        if cfg.switch_patience and state.get("switch", {}).get("at") is None and state["step"] < cfg.switch_step:
             check_patience_evals(saved_cfg, cfg, path)
     saved = type(student).from_pretrained(path, dtype=next(student.parameters()).dtype)
     student.load_state_dict(saved.state_dict())

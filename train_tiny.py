@@ -447,15 +447,17 @@ def run_arm(arm, p, seed, student0, teacher, tok, data, start: dict, out: Path) 
     full = subsets(data)
     full_sizes = {name: len(exs) for name, exs in full.items()}
     curve = [dict(step=0, wall_s=0.0, **start)]
-    ends = sorted({round(cfg.steps * (i + 1) / p.eval_points) for i in range(p.eval_points)})
+    ends = sorted({max(1, round(cfg.steps * (i + 1) / p.eval_points)) for i in range(p.eval_points)})
     for segment, end in enumerate(ends):
         switched = segment > 0 and train.load_switch_state(Path(cfg.out) / "checkpoint")["at"] is not None
         eval_set = data["val"] if cfg.switch_patience and not switched else None
         t0 = time.time()
         segment_cfg = replace(cfg, steps=end, resume=segment > 0)
         with contextlib.redirect_stdout(io.StringIO()):  # train.train's own time line, once per segment
-            train.train(segment_cfg, student, teacher, tok, data["train"], kdrl.math_reward, eval_set)
-        wall += time.time() - t0
+            summary = train.train(segment_cfg, student, teacher, tok, data["train"], kdrl.math_reward, eval_set)
+        validation = summary["time"].get("eval", 0.0)  # kd-then-grpo's evaluations for its switch
+        wall += time.time() - t0 - validation
+        eval_s += validation
         t0 = time.time()
         last = segment + 1 == len(ends)
         point = evaluate(student, tok, full, p, k=p.avg_k) if last else evaluate(student, tok, few, p, sizes=full_sizes)
@@ -1178,7 +1180,8 @@ def _run_demo(p: Preset, preset: str, arms: list[str], out: Path, device, start:
         + table(rows, names, k=p.avg_k) + "\n\n"
         f"Sample efficiency on region A. zero-adv: the fraction of groups whose rewards are all equal, so that GRPO's "
         f"advantages are 0 (steps with a reward only: none for kd, sft, sft-all; kd-then-grpo from its switch). The "
-        f"curve is evaluated every {p.rl['steps'] // p.eval_points} steps on {len(few['id_A'])} region-A problems "
+        f"curve is evaluated every {max(1, p.rl['steps'] // p.eval_points)} steps on {len(few['id_A'])} region-A "
+        f"problems "
         f"(the last point on all {len(full['id_A'])}); steps and seconds to A ≥ {p.a_threshold:.0%} are interpolated "
         f"between evaluations, averaged over the seeds that got there; a seed that never did counts as its budget in "
         f"the paired `steps − grpo`. Area: region-A accuracy averaged over the run (%)."
