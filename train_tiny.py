@@ -3,7 +3,7 @@ train_tiny.py: the KDRL comparison on tiny models, from scratch, with no downloa
 
     python train_tiny.py                   # cpu preset without a GPU (2 seeds, 7 arms, 2 worker processes), else gpu
     python train_tiny.py --start weak      # the regime where GRPO starves: a student stopped at 5%, not 20%
-    python train_tiny.py --preset smoke    # about 10 s, tiny everything: checks the plumbing, not the methods
+    python train_tiny.py --preset smoke    # about 30 s, tiny everything: checks the plumbing, not the methods
     python train_tiny.py --check-gpu       # on a GPU: the tests on it, the smoke preset and the bench, in one go
 
 Task: 2-digit addition worked column by column with carries, e.g. `95+98=` → `5+8=13|9+9+1=19|#### 193`,
