@@ -623,13 +623,16 @@ def plot(out: Path, rows: list[dict], arms: list[str], threshold: float) -> None
         for ax, (key, label) in zip(axes.flat[:3], panels, strict=True):
             _band(ax, steps, [[100 * point[key] for point in run["curve"]] for run in runs], arm, color, style)
             ax.set(xlabel="step", ylabel=label)
-        zero_adv = [_running_mean(run["zero_adv"]) for run in runs]
-        if all(zero_adv) and len({len(fractions) for fractions in zero_adv}) == 1:  # (kd-then-grpo: one switch)
-            first = steps[-1] - len(zero_adv[0])  # 0, or kd-then-grpo's first rewarded step
-            _band(axes.flat[3], [first + i for i in range(len(zero_adv[0]))], zero_adv, arm, color, style)
-        kl_curves = [_kl_curve(out / f"{arm}-seed{run['seed']}") for run in runs]
-        if all(kl_curves) and len({len(curve) for curve in kl_curves}) == 1:
-            _band(axes.flat[4], list(range(len(kl_curves[0]))), kl_curves, arm, color, style)
+        zero_adv = [_running_mean(run["zero_adv"]) for run in runs]  # the rewarded steps: the last ones of each run
+        if all(zero_adv):  # kd-then-grpo: each seed from its own switch on, so None before it
+            first = steps[-1] - max(map(len, zero_adv))
+            padded = [[None] * (steps[-1] - first - len(curve)) + curve for curve in zero_adv]
+            _band(axes.flat[3], list(range(first, steps[-1])), padded, arm, color, style)
+        kl_curves = [_kl_curve(out / f"{arm}-seed{run['seed']}") for run in runs]  # the steps that scored the teacher
+        if all(kl_curves):  # kd-then-grpo: each seed until its own switch, so None after it
+            longest = max(map(len, kl_curves))
+            padded = [curve + [None] * (longest - len(curve)) for curve in kl_curves]
+            _band(axes.flat[4], list(range(longest)), padded, arm, color, style)
         # the wall time at each curve point, averaged over seeds
         walls = [statistics.mean(run["curve"][i]["wall_s"] for run in runs) for i in range(len(steps))]
         _band(axes.flat[5], walls, [[100 * point["id_A"] for point in run["curve"]] for run in runs], arm, color,
@@ -637,7 +640,7 @@ def plot(out: Path, rows: list[dict], arms: list[str], threshold: float) -> None
     for ax in (axes.flat[1], axes.flat[5]):
         ax.axhline(100 * threshold, color="gray", lw=0.8, ls=":")
     axes.flat[3].set(xlabel="step", ylabel="groups with all advantages 0",
-                     title="rewarded steps; 10-step running mean")
+                     title="steps with a reward; 10-step running mean")
     axes.flat[4].set(xlabel="step", ylabel="KL(π ‖ π_T) per token (k1, training samples)",
                      title="steps that score the teacher; 10-step running mean")
     axes.flat[5].set(xlabel="wall time (s)", ylabel="ID region A accuracy (%)")
@@ -649,16 +652,16 @@ def plot(out: Path, rows: list[dict], arms: list[str], threshold: float) -> None
     plt.close(fig)
 
 
-def _band(ax, xs: list[float], ys: list[list[float]], label: str, color: str, style: str = "-") -> None:
-    """The mean of the curves ys over seeds, and a band of ± 1 standard error."""
-    n_seeds = len(ys)
-    mean = [sum(curve[i] for curve in ys) / n_seeds for i in range(len(xs))]
+def _band(ax, xs: list[float], ys: list[list], label: str, color: str, style: str = "-") -> None:
+    """The mean of the curves ys over seeds at each x, and a band of ± 1 standard error, over the seeds that have a
+    value there (None where a seed has none)."""
+    mean, se = [], []
+    for i in range(len(xs)):
+        values = [curve[i] for curve in ys if curve[i] is not None]
+        mean.append(statistics.mean(values))
+        se.append(statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
     ax.plot(xs, mean, marker="o", ms=2, lw=1.2, label=label, color=color, ls=style)
-    if n_seeds > 1:
-        se = [
-            math.sqrt(sum((curve[i] - mean[i]) ** 2 for curve in ys) / (n_seeds - 1) / n_seeds)
-            for i in range(len(xs))
-        ]
+    if len(ys) > 1:
         low = [center - error for center, error in zip(mean, se, strict=True)]
         high = [center + error for center, error in zip(mean, se, strict=True)]
         ax.fill_between(xs, low, high, color=color, alpha=0.12)
