@@ -255,8 +255,8 @@ def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict], eval_se
     teacher.eval()
     disable_dropout(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = load_checkpoint(out_dir / "checkpoint", student, optimizer, cfg) if cfg.resume else 0
-    switch = load_switch_state(out_dir / "checkpoint") if cfg.resume else dict(at=None, scores=[])
+    switch = dict(at=None, scores=[])  # kd-then-grpo's switch state, restored by load_checkpoint on resume
+    start = load_checkpoint(out_dir / "checkpoint", student, optimizer, cfg, switch) if cfg.resume else 0
     if cfg.switch_step and switch["at"] is None and start >= cfg.switch_step:
         switch["at"] = start  # a checkpoint written at the fixed switch: its first step is GRPO's
     if cfg.switch_patience and switch["at"] is None and not (eval_set and cfg.eval_every):
@@ -508,13 +508,15 @@ def check_resume_config(saved: dict, cfg: KDRLConfig, path: Path, step: int) -> 
         raise KDRLError(f"--resume: steps={cfg.steps} is below the checkpoint's step {step} ({path}); it may only grow")
 
 
-def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = None) -> int:
+def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = None,
+                    switch: Optional[dict] = None) -> int:
     """Restore the student's weights, the optimizer and the RNG from a checkpoint; returns its step.
     Falls back to the previous one if a save was interrupted between its two renames. With cfg, first refuses
     a config that differs from the checkpoint's in anything but RESUME_MAY_CHANGE. Nothing in the folder is
     unpickled as code: trainer_state.pt loads with weights_only=True, the weights from safetensors.
     A checkpoint resumes on another device (GPU to CPU and back, fewer GPUs): what cannot be restored (part of the
-    RNG state) is named in a note on stderr, and such a resume continues the run but not bit for bit."""
+    RNG state) is named in a note on stderr, and such a resume continues the run but not bit for bit.
+    switch: a dict to fill with kd-then-grpo's switch state (see load_switch_state)."""
     path = _saved_checkpoint(path)
     if not (path / "trainer_state.pt").exists():
         raise KDRLError(f"--resume: no checkpoint at {path} (missing trainer_state.pt)")
@@ -524,10 +526,13 @@ def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = 
         saved_cfg = json.loads((path / "kdrl_config.json").read_text())
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         raise KDRLError(f"--resume: cannot read the checkpoint in {path} ({type(e).__name__}: {e})") from None
+    saved_switch = state.get("switch", dict(at=None, scores=[]))  # (older checkpoints have none: not switched)
     if cfg is not None:
         check_resume_config(saved_cfg, cfg, path, state["step"])
-        if cfg.switch_patience and state.get("switch", {}).get("at") is None and state["step"] < cfg.switch_step:
+        if cfg.switch_patience and saved_switch["at"] is None and state["step"] < cfg.switch_step:
             check_patience_evals(saved_cfg, cfg, path)
+    if switch is not None:
+        switch.update(saved_switch)
     saved = type(student).from_pretrained(path, dtype=next(student.parameters()).dtype)
     student.load_state_dict(saved.state_dict())
     optimizer.load_state_dict(state["optimizer"])
@@ -545,8 +550,9 @@ def _saved_checkpoint(path: Path) -> Path:
 
 
 def load_switch_state(path: Path) -> dict:
-    """kd-then-grpo's switch state in a checkpoint (after load_checkpoint, which checks it): {"at": the first GRPO
-    step, or None before the switch, "scores": the eval accuracies the patience rule read}. Other methods: none."""
+    """kd-then-grpo's switch state in a checkpoint, for a caller outside train() (the demo, between segments):
+    {"at": the first GRPO step, or None before the switch, "scores": the eval accuracies the patience rule read}.
+    train() gets it from load_checkpoint(switch=...), which reads the file once."""
     state = torch.load(_saved_checkpoint(path) / "trainer_state.pt", map_location="cpu", weights_only=True)
     return state.get("switch", dict(at=None, scores=[]))
 

@@ -130,7 +130,7 @@ class Preset:
     rl: dict = field(default_factory=dict)
     """KDRLConfig fields shared by every arm (the demo's overrides)"""
     arms: tuple = ()
-    """the arms run by default (see ARMS)"""
+    """the arms run by default (see PREDICTION_ARMS; () runs every arm)"""
     seeds: int = 3
     """seeds per arm (student init, data order, sampling)"""
     workers: int = 1
