@@ -1,4 +1,4 @@
-"""Tests of train.py, train_trl.py and train_tiny.py: the engine around kdrl.py's method.
+"""Tests of train.py, train_trl.py, train_tiny.py and bench.py: the engine around kdrl.py's method.
 
 The presets through the CLI, checkpoints and resume (bit-exact, refusals, across devices), bad input and its
 errors, config validation and the method rules derived from METHODS, the progress lines, the demo and the benches,
@@ -27,6 +27,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+import bench
 import kdrl
 import train
 import train_tiny
@@ -333,11 +334,18 @@ def test_demo_splits_are_disjoint_and_the_teacher_data_has_its_designed_bug():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_check_gpu_refuses_without_cuda(capsys):
-    import train_tiny
+    import bench
 
     with pytest.raises(SystemExit) as e:
-        train_tiny.main(["--check-gpu"])
+        bench.main(["--check-gpu"])
     assert e.value.code == 2 and "--check-gpu needs a CUDA GPU, and torch" in capsys.readouterr().err
+
+def test_train_tiny_no_longer_takes_the_bench_flags(capsys):
+    """The benches and tools moved to bench.py: train_tiny.py refuses their old flags (argparse, exit 2)."""
+    for flag in ("--bench", "--bench-trl", "--bench-memory", "--check-gpu"):
+        with pytest.raises(SystemExit) as e:
+            train_tiny.main([flag])
+        assert e.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
 
 class _ScriptedProcess:
     """subprocess.Popen for one part of check_gpu: prints a scripted output, then exits with a scripted status."""
@@ -357,25 +365,25 @@ def test_check_gpu_runs_the_tests_the_smoke_preset_and_the_bench_on_cuda(monkeyp
     versions and gives the tests' count, the bench's step times and peak memory; a failed part is named, exit 1."""
     import transformers
 
-    import train_tiny
+    import bench
 
     bench_out = ("bench: 6,304,000 parameters on cuda (Fake GPU), bfloat16 autocast over float32 weights\n"
                  "bench grpo median_step_s=0.50 peak_mib=120\nbench kdrl median_step_s=0.60 peak_mib=150\n")
-    outputs = {"pytest": "....s.\n\n250 passed, 3 skipped in 150.00s\n", "--bench": bench_out,
+    outputs = {"pytest": "....s.\n\n250 passed, 3 skipped in 150.00s\n", "bench.py": bench_out,
                "--preset": "teacher:  50%|#####     | 1/2\rteacher: 100%|##########| 2/2\n"
                            "# Results: preset `smoke`, device cuda, 1 seed(s), total 12s\n| kdrl | 1 | ...\n"}
     failing, runs = set(), []
 
     def scripted_popen(command, cwd, env, **kwargs):
-        (part,) = [key for key in outputs if key in command]
+        (part,) = [key for key in outputs if key in command or Path(command[1]).name == key]
         runs.append((part, command, env.get("KDRL_TEST_DEVICE")))
         return _ScriptedProcess(outputs[part], 1 if part in failing else 0)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Fake GPU")
     monkeypatch.setattr(subprocess, "Popen", scripted_popen)
-    result = train_tiny.check_gpu()
-    assert [part for part, _, _ in runs] == ["pytest", "--preset", "--bench"] and result["ok"]
+    result = bench.check_gpu()
+    assert [part for part, _, _ in runs] == ["pytest", "--preset", "bench.py"] and result["ok"]
     assert all(device == "cuda" for _, _, device in runs)  # the tests read it; the CLI runs say --device cuda
     assert runs[1][1][-4:-2] == ["--device", "cuda"] and runs[2][1][-2:] == ["--device", "cuda"]
     assert runs[1][1][2:4] == ["--preset", "smoke"] and runs[0][1][1:] == ["-m", "pytest", "-q"]
@@ -386,9 +394,9 @@ def test_check_gpu_runs_the_tests_the_smoke_preset_and_the_bench_on_cuda(monkeyp
     assert summary[2].endswith("| # Results: preset `smoke`, device cuda, 1 seed(s), total 12s")
     assert summary[3].endswith("| " + bench_out.strip().replace("\n", " | ")) and "peak_mib=150" in summary[3]
     assert summary[4].startswith("check-gpu: all passed in ")
-    failing.add("--bench")
+    failing.add("bench.py")
     with pytest.raises(SystemExit) as e:
-        train_tiny.main(["--check-gpu"])
+        bench.main(["--check-gpu"])
     assert e.value.code == 1 and "check-gpu: FAILED: bench in " in capsys.readouterr().out
 
 def test_results_table_pairs_each_method_with_grpo_by_seed():
@@ -414,11 +422,11 @@ def test_results_table_pairs_each_method_with_grpo_by_seed():
     ]
 
 def test_bench_prints_one_machine_readable_line_per_method(pair, capsys):
-    """`train_tiny.py --bench --bench-model DIR --device D` names the device and the dtype it runs in, then ends with a
+    """`bench.py --model DIR --device D` names the device and the dtype it runs in, then ends with a
     `bench <method> key=value ...` line for grpo and kdrl; on CUDA each also gives the peak allocated memory."""
-    import train_tiny
+    import bench
 
-    train_tiny.main(["--bench", "--bench-model", str(pair / "student"), "--device", DEVICE])
+    bench.main(["--model", str(pair / "student"), "--device", DEVICE])
     printed = capsys.readouterr().out.strip().splitlines()
     (header,) = [line for line in printed if line.startswith("bench: ")]
     dtype = "bfloat16 autocast over float32 weights" if DEVICE == "cuda" else "float32"
@@ -471,7 +479,7 @@ def test_zero_adv_frac_counts_groups_without_a_policy_gradient(tmp_path, rewards
 def large_pair(tmp_path_factory):
     """The real-vocabulary fixture: 151,665 tokens with a ChatML template, Qwen2 student and teacher with logits
     151,936 and 152,064 wide, generation configs listing <|im_end|> and <|endoftext|>."""
-    from train_tiny import save_large_vocab_pair
+    from bench import save_large_vocab_pair
 
     return save_large_vocab_pair(tmp_path_factory.mktemp("large"), hidden_size=16, layers=1)
 
@@ -930,7 +938,7 @@ def test_bench_trl_runs_trl_and_kdrl_on_one_device_and_dtype(train_trl, pair, mo
     where "auto" is cuda and bfloat16 autocast: the TRL runs used to be pinned to CPU while bench() took the GPU."""
     import trl
 
-    import train_tiny
+    import bench
 
     trl_sides, kdrl_side = [], []
 
@@ -949,8 +957,8 @@ def test_bench_trl_runs_trl_and_kdrl_on_one_device_and_dtype(train_trl, pair, mo
     monkeypatch.setattr(train_trl, "grpo_config", recording_grpo_config)
     monkeypatch.setattr(train_trl, "KDRLTrainer", _RecordingTrainer)
     monkeypatch.setattr(trl, "GRPOTrainer", _RecordingTrainer)
-    monkeypatch.setattr(train_tiny, "bench", recording_bench)
-    lines = train_tiny.bench_trl(str(pair / "student"), steps=2, warmup=1)
+    monkeypatch.setattr(bench, "bench", recording_bench)
+    lines = bench.bench_trl(str(pair / "student"), steps=2, warmup=1)
     assert trl_sides == [("cuda", "auto")] * 3 and kdrl_side == [("cuda", "auto")]
     printed = capsys.readouterr().out
     assert "all on cuda, bfloat16 autocast over float32 weights" in printed.splitlines()[0]
@@ -1174,7 +1182,7 @@ def test_sft_beta_is_refused_on_the_cli_and_the_valid_neighbours_are_accepted(pa
 
 
 def _dying_case(pair_dir: str, method: str, batch: int, length: int, queue) -> None:
-    """Stands in for train_tiny._memory_case in the child: "dies" exits as an OOM kill would, before reporting;
+    """Stands in for bench._memory_case in the child: "dies" exits as an OOM kill would, before reporting;
     any other method reports fixed figures."""
     if method == "dies":
         os._exit(3)
@@ -1196,15 +1204,15 @@ def _fork_context(method=None):
 def test_bench_memory_reports_a_dead_child_and_goes_on(monkeypatch, capsys):
     """A case whose process dies without reporting gets a line naming its exit code, and the next case still runs
     (queue.get() without a timeout used to wait forever). Run in a thread so a hang fails instead of blocking."""
-    monkeypatch.setattr(train_tiny, "_memory_case", _dying_case)
-    monkeypatch.setattr(train_tiny, "save_large_vocab_pair", _no_pair)
+    monkeypatch.setattr(bench, "_memory_case", _dying_case)
+    monkeypatch.setattr(bench, "save_large_vocab_pair", _no_pair)
     monkeypatch.setattr(multiprocessing, "get_context", _fork_context)
     lines = []
 
-    def bench():
-        lines.extend(train_tiny.bench_memory(sizes=((8, 4),), methods=("dies", "reports")))
+    def run_bench():
+        lines.extend(bench.bench_memory(sizes=((8, 4),), methods=("dies", "reports")))
 
-    thread = threading.Thread(target=bench, daemon=True)
+    thread = threading.Thread(target=run_bench, daemon=True)
     thread.start()
     thread.join(timeout=120)
     assert not thread.is_alive(), "bench_memory hangs on a dead child"
