@@ -10,19 +10,19 @@ Zhang et al. 2026, arXiv 2602.22495, instead puts the teacher inside GRPO's clip
 ρ = (π/π_old)^α · (π/π_T)^(1−α), and keeps no separate KD term.
 
 Read top to bottom: config and presets → the maths (estimators, advantages, β, masks, the loss's pieces, composed
-by kdrl_loss) → sampling and log-probs → rewards → one train_step, the paper's pseudocode. The maths takes tensors
-and returns tensors: copy any function into your own trainer. The loop, checks, checkpoints and CLI: train.py.
+by kdrl_loss) → one train_step, the paper's pseudocode. Then the plumbing it calls, which a learner may skip:
+sampling and log-probs, rewards, and the numerical engineering under full_kl. The maths takes tensors and returns
+tensors: copy any function into your own trainer. The loop, checks, checkpoints and CLI: train.py.
 
 Where this differs from the papers, or pins down what they leave open:
 - The KD term is a token-level masked mean, like the paper. kl_estimate says what each estimator's *gradient*
   is: k2, the paper's choice, follows the token-level reverse KL with the contexts held fixed; k3, the default
   in TRL and verl, follows the *forward* KL. kd_mode="reward" with γ = 1 follows the sequence-level reverse KL
-  instead (kdrl-seq; exactly so with loss_agg="constant").
+  instead, exactly under a constant divisor (kdrl-seq, whose preset sets loss_agg="constant" for that reason).
 - Off-policy minibatches (μ > 1) weight the per-token KD estimate by the detached ratio π/π_old (never clipped),
   so its expected gradient is again the token-level reverse KL's. The paper is silent on this.
-- Log-probs are taken at the sampling temperature (logits / τ), for student and teacher alike.
-- One optimizer step per μ-epoch over the whole batch; minibatches only bound memory (gradients are accumulated
-  with the full-batch normaliser).
+- Log-probs are taken at the sampling temperature (logits / τ), for student and teacher alike. One optimizer step
+  per μ-epoch over the whole batch; minibatches only bound memory (full-batch normaliser).
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ class KDRLConfig:
     adv_eps: float = 1e-6
     """added to the group std before dividing"""
     loss_agg: str = "token-mean"
-    """"token-mean" (paper), "seq-mean", or "constant" (Dr.GRPO: divide by max_new_tokens × B)"""
+    """"token-mean" (paper), "seq-mean", or "constant" (Dr.GRPO: divide by max_new_tokens × B; kdrl-seq's)"""
     use_reward: bool = True
     """False zeroes the advantages: pure on-policy distillation (the kd preset)"""
     format_bonus: float = 0.0
@@ -117,7 +117,8 @@ class KDRLConfig:
     kd_gamma: float = 1.0
     """reward-mode discount: 1 gives the sequence-level reverse KL, 0 the per-token one"""
     kd_baseline: str = "loo"
-    """reward mode: "loo" (minus the other G − 1 responses' mean KD return at each position: unbiased) or "none"."""
+    """reward mode: "loo" (minus the other G − 1 responses' mean KD return at each position) or "none"; loo keeps
+    the expected gradient only under loss_agg="constant" and kd_mask "none"/"response", and is refused elsewhere"""
     kd_mask: str = "none"
     """"none", "response" (KD only on incorrect responses: KDRL-Mask), "group" (only in all-wrong groups)"""
     # --- RLAD / TRRD ---
@@ -151,22 +152,20 @@ class KDRLConfig:
 
     @classmethod
     def from_method(cls, method: str = "kdrl", **overrides) -> "KDRLConfig":
-        """The config of a named method: defaults ← METHODS[method] ← overrides (which may tune its knobs,
-        not the fields that define it: validate_config refuses those). The CLI, the demo and the tests use it."""
+        """Defaults ← METHODS[method] ← overrides (knobs; train.validate_config refuses what changes the method)."""
         if method not in METHODS:
             raise KDRLError(f"config field method={method!r}: must be one of {tuple(METHODS)}")
         return cls(**{**METHODS[method], **overrides, "method": method})
 
 
-# Each method is a set of overrides on KDRLConfig: the one place that defines it. Build a method's config with
-# KDRLConfig.from_method(name, **overrides); train() refuses a config whose fields contradict its method.
+# Each method is a set of overrides on KDRLConfig, the one place that defines it: KDRLConfig.from_method(name, ...).
 METHODS: dict[str, dict] = {
     "grpo": dict(beta=0.0),
     "kd": dict(use_reward=False, beta=1.0, kd_kind="k2"),
     "kdrl": dict(kd_kind="k2"),
     "kdrl-anneal": dict(kd_kind="k2", beta=5e-3, beta_min=1e-3, beta_decay_steps=80),
     "kdrl-mask": dict(kd_kind="k2", kd_mask="response"),
-    "kdrl-seq": dict(kd_mode="reward", kd_gamma=1.0),
+    "kdrl-seq": dict(kd_mode="reward", kd_gamma=1.0, loss_agg="constant"),  # the sequence-level KL, exactly
     "kdrl-full": dict(kd_kind="full"),
     "rlad": dict(trrd_alpha=0.5, beta=0.0),
     "sft": dict(sft=True, beta=0.0),
@@ -176,15 +175,17 @@ METHODS: dict[str, dict] = {
 
 
 def phase_config(cfg: KDRLConfig, switched: bool) -> KDRLConfig:
-    """kd-then-grpo, distillation then RL (against KDRL's joint loss): cfg (the kd preset's fields) before the switch,
-    GRPO's after (reward on, β = 0: no teacher pass). train.py decides when, and resets AdamW's moments there."""
+    """kd-then-grpo (distil, then RL) as two plain configs for train_step, with no switch left in either: the kd
+    preset's before the switch, GRPO's after (reward on, β = 0: no teacher pass). The caller decides when (train.train:
+    switch_step, or switch_patience's rule) and resets AdamW's moments there."""
+    phase = dataclasses.replace(cfg, switch_step=0, switch_patience=0)
     if not switched:
-        return cfg
-    return dataclasses.replace(cfg, use_reward=True, beta=0.0, beta_min=None, beta_decay_steps=0)
+        return phase
+    return dataclasses.replace(phase, use_reward=True, beta=0.0, beta_min=None, beta_decay_steps=0)
 
 
 class KDRLError(ValueError):
-    """A user-facing problem (bad input, bad config, diverged run): main() prints it and exits 1."""
+    """A user-facing problem (bad input, bad config, diverged run): train.main() prints it and exits 1."""
 
 
 # -----------------------------------------------------------------------------
@@ -193,7 +194,6 @@ class KDRLError(ValueError):
 
 def kl_estimate(logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str, clamp: float = 20.0) -> torch.Tensor:
     """Per-token estimate of KL(π ‖ π_T) from the log-probs of the sampled tokens. Any shape in, same shape out.
-
     k1, k2 and k3 are the estimators of J. Schulman's note "Approximating KL Divergence" (2020),
     http://joschu.net/blog/kl-approx.html, written for their *values*; as losses, their gradients differ:
     With d = logp − teacher_logp (teacher detached: it is a constant, even if it requires grad):
@@ -206,10 +206,9 @@ def kl_estimate(logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str, clamp
                            expectation is the gradient of the token-level **forward** KL(π_T ‖ π): the
                            wrong direction, though TRL and verl use it as their default "KL loss".
     "On-policy": sampled from π itself at the scoring temperature. Token-level gradients ignore how a token
-    changes which later contexts occur; kl_reward_to_go gives the sequence-level gradient.
-
-    k3 stays finite in float32 for any d: below d = −clamp, e^(−d) (which overflows near d = −88) is continued by
-    its tangent at −clamp, so the gradient keeps its sign (1 − e^clamp < 0); elsewhere value and gradient are exact.
+    changes which later contexts occur; kl_reward_to_go gives the sequence-level gradient. k3 stays finite in
+    float32: below d = −clamp, e^(−d) (overflowing near −88) is continued by its tangent, so the gradient keeps its
+    sign (1 − e^clamp < 0); elsewhere value and gradient are exact.
     """
     d = logp - teacher_logp.detach()
     if kind == "k1":
@@ -223,68 +222,17 @@ def kl_estimate(logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str, clamp
     raise ValueError(f"kl_estimate: kind must be 'k1', 'k2' or 'k3', got {kind!r}")
 
 
-def _vocab_log_softmax(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """log-softmax over the first vocab_size columns, in float32 (float64 stays float64). (..., ≥V) → (..., V).
-    (x − m) − log Σ exp(x − m), not torch.log_softmax, whose float32 CPU kernel sums serially (off by 2e-5 at
-    V = 151,936; torch.sum's pairwise sum, 1e-6). The result is a fresh tensor, never the caller's logits."""
-    x = logits[..., :vocab_size]  # (..., V)
-    row_max = x.amax(dim=-1, keepdim=True).to(torch.promote_types(logits.dtype, torch.float32))  # (..., 1)
-    out = x - row_max  # (..., V), float32 (or float64) by type promotion
-    return out.sub_(out.exp().sum(dim=-1, keepdim=True).log_())
-
-
-def _autocast_off(device: torch.device):
-    """A context in which autocast does not touch ops on `device` (none where the device has no autocast)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-class _FullKL(torch.autograd.Function):
-    """KL(softmax(s) ‖ softmax(t)) per row, chunked, with the gradient ∇_s = p ⊙ (log p − log q − KL).
-    Saves only its inputs: each chunk's log-softmaxes are rebuilt in the backward pass, in place (at most three
-    (chunk, V) float32 tensors alive). Autocast is off in both passes, so every reduction is float32 inside the
-    update's bf16 autocast too. KL = Σ_v p (log p − log q) / Σ_v p: dividing by the float32 Σ_v p (1 to rounding)
-    cancels the rounding log p shares across a row, so Σ_v ∇_s = 0 up to the rounding of its terms."""
-
-    @staticmethod
-    def forward(ctx, s, t, vocab_size, chunk_size):  # s, t: (N, ≥vocab_size)
-        out = s.new_empty(s.shape[0], dtype=torch.promote_types(s.dtype, torch.float32))
-        with _autocast_off(s.device):
-            for i in range(0, s.shape[0], chunk_size):
-                logp = _vocab_log_softmax(s[i : i + chunk_size], vocab_size)  # (chunk, V) float32
-                logq = _vocab_log_softmax(t[i : i + chunk_size], vocab_size)  # (chunk, V)
-                diff = torch.sub(logp, logq, out=logq)  # log p − log q, in place
-                p = logp.exp_()  # (chunk, V), in place
-                out[i : i + chunk_size] = diff.mul_(p).sum(-1).div_(p.sum(-1))  # Σ_v p (log p − log q) / Σ_v p
-        ctx.save_for_backward(s, t, out)
-        ctx.vocab_size, ctx.chunk_size = vocab_size, chunk_size
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):  # grad_out: (N,)
-        s, t, kl = ctx.saved_tensors
-        V, C = ctx.vocab_size, ctx.chunk_size
-        grad = torch.zeros_like(s)  # padded columns ≥ vocab_size carry no probability and get no gradient
-        with _autocast_off(s.device):
-            for i in range(0, s.shape[0], C):
-                logp = _vocab_log_softmax(s[i : i + C], V)  # (chunk, V)
-                logq = _vocab_log_softmax(t[i : i + C], V)  # (chunk, V)
-                g = torch.sub(logp, logq, out=logq).sub_(kl[i : i + C, None])  # log p − log q − KL, in place
-                g.mul_(logp.exp_()).mul_(grad_out[i : i + C, None])  # p ⊙ (log p − log q − KL) · grad_out
-                grad[i : i + C, :V] = g.to(s.dtype)
-        return grad, None, None, None
-
-
 def full_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_size: Optional[int] = None,
             chunk_size: int = 1024) -> torch.Tensor:
     """Exact per-position KL(π ‖ π_T) = Σ_v p_v (log p_v − log q_v) over the vocabulary. (..., V) → (...).
-    In float32 whatever the logits' dtype and under any autocast (float64 for float64 logits): value and gradient
-    are within float32 rounding of the float64 definition, also at V = 151,936 (relative errors 2e-7 and 6e-7).
-    vocab_size: both distributions over the first vocab_size columns only, renormalised, for checkpoints that pad
-    their logits to different widths (Qwen2.5-0.5B: 151,936; 7B: 152,064) over one tokenizer. Without it, the
-    widths must match. The gradient flows to student_logits only (the teacher is a constant). Memory: rows go
-    chunk_size at a time, so the extra memory is O(chunk_size · V) float32, with grad or without."""
+    The arithmetic is float32 whatever the logits' dtype and under any autocast (float64 for float64 logits), so for
+    float32 logits value and gradient are within float32 rounding of the float64 definition, also at V = 151,936
+    (relative errors below 1e-6: test_kdrl). For bfloat16 logits (a bf16 forward pass) that holds for the logits *as
+    given*: they carry bf16's own rounding (about 3 significant digits) from the model, which no later float32
+    arithmetic undoes, so the result is the exact KL of slightly different distributions than a float32 forward's.
+    vocab_size: both distributions over the first vocab_size columns, renormalised, for checkpoints that pad their
+    logits to different widths (Qwen2.5-0.5B: 151,936; 7B: 152,064) over one tokenizer; without it the widths must
+    match. The gradient flows to student_logits only. Extra memory: O(chunk_size · V) float32 (_FullKL, below)."""
     s, t = student_logits, teacher_logits
     if s.shape[:-1] != t.shape[:-1]:
         raise ValueError(f"full_kl: student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ "
@@ -296,19 +244,18 @@ def full_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_si
     if vocab_size > min(s.shape[-1], t.shape[-1]):
         raise ValueError(f"full_kl: vocab_size={vocab_size} exceeds a logit width ({s.shape[-1]}, {t.shape[-1]})")
     lead = s.shape[:-1]
-    out = _FullKL.apply(s.reshape(-1, s.shape[-1]), t.detach().reshape(-1, t.shape[-1]), vocab_size, chunk_size)
-    return out.reshape(lead)
+    kl, _ = _FullKL.apply(s.reshape(-1, s.shape[-1]), t.detach().reshape(-1, t.shape[-1]), vocab_size, chunk_size, 1.0)
+    return kl.reshape(lead)
 
 
 def kl_reward_to_go(logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-token KD return G_t = Σ_{t'≥t} γ^(t'−t) (teacher_logp − logp)_{t'}, per response. (B, T) → (B, T).
-
     −d_t = log π_T − log π is on-policy distillation's per-token reward (used with γ = 0); MiniLLM's objective is
     γ = 1. Masked positions add nothing and get G = 0; the result is detached (a reward, not a loss).
     γ = 1: −Σ_t G_t ∇log π_t is, on-policy, an unbiased gradient of the **sequence-level** reverse KL
            KL(π(y|x) ‖ π_T(y|x)) when the per-token terms are summed or divided by a constant (loss_agg
-           "constant"). "seq-mean" reweights samples by their length and biases it; "token-mean" divides by the
-           batch's (random) token count: a ratio-estimator bias that shrinks as the batch grows.
+           "constant", kdrl-seq's). "seq-mean" reweights samples by their length and biases it; "token-mean"
+           divides by the batch's (random) token count: a ratio-estimator bias that shrinks as the batch grows.
     γ = 0: G_t = −d_t, and −G_t ∇log π_t = d_t ∇log π_t = ∇k2_t: the per-token (myopic) gradient.
     """
     r = torch.where(mask.bool(), teacher_logp.detach() - logp.detach(), 0.0)  # (B, T)
@@ -322,8 +269,8 @@ def kl_reward_to_go(logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.
 
 def leave_one_out_baseline(returns: torch.Tensor, group_size: int) -> torch.Tensor:
     """For each response, the mean of the *other* G − 1 responses' returns at the same position. (B, T) → (B, T),
-    groups contiguous; 0 for G = 1. It depends only on the others, independent of this one (unless a KD mask ties
-    them: kd_reward_returns), so subtracting it keeps the expected gradient and removes what every return shares."""
+    groups contiguous; 0 for G = 1. It depends only on the others, so subtracting it removes what every return
+    shares and keeps the expected gradient, under the conditions kd_reward_returns states."""
     if group_size == 1:
         return torch.zeros_like(returns)
     grouped = returns.view(-1, group_size, returns.shape[-1])  # (num_groups, G, T)
@@ -334,7 +281,6 @@ def leave_one_out_baseline(returns: torch.Tensor, group_size: int) -> torch.Tens
 def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
                     eps: float = 1e-6) -> torch.Tensor:
     """GRPO's sequence advantage A_i = (R_i − mean_g) / (std_g + eps). (B,) → (B,), groups contiguous.
-
     std is the sample std (Bessel-corrected, like torch.std, TRL and verl), plus eps = 1e-6. scale_by_std=False
     gives Dr.GRPO's R_i − mean_g. A group whose rewards are all equal (or of size 1) gets exactly 0: centring
     [0.1, 0.1, 0.1] leaves float residue that the std division turns into ±0.8 without eps, 0.007 with it.
@@ -355,15 +301,15 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool =
 def _in_power_of_two_units(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group (row) of r divided by the power of two 2^k ≤ max |r| < 2^(k+1), and k. (n, G) → (n, G), (n, 1).
     Rewards above ~1e154 (float64) or ~1e19 (float32) would overflow the variance, tiny ones underflow it; here max
-    |r| is in [1, 2). A power of two divides exactly, so the advantage is bit for bit the unscaled formula wherever
-    that is finite, and finite for any reward. (ldexp: torch divides by a tensor through its reciprocal.)"""
+    |r| is in [1, 2). A power of two divides exactly (ldexp), so the advantage is bit for bit the unscaled formula
+    wherever that is finite, and finite for any reward."""
     _, exponent = torch.frexp(r.abs().amax(dim=1, keepdim=True))  # (n, 1): max |r| = m·2^e, m in [0.5, 1)
     return torch.ldexp(r, 1 - exponent), exponent - 1
 
 
 def beta_schedule(step: int, beta: float, beta_min: Optional[float] = None, decay_steps: int = 0) -> float:
-    """KDRL-Annealing: β linear from `beta` at step 0 to `beta_min` at `decay_steps`, then held.
-    Constant when beta_min is None or decay_steps is 0. Paper: 5e-3 → 1e-3."""
+    """KDRL-Annealing: β linear from `beta` at step 0 to `beta_min` at `decay_steps`, then held (paper: 5e-3 → 1e-3);
+    constant when beta_min is None or decay_steps is 0."""
     if beta_min is None or decay_steps <= 0:
         return beta
     return beta + (beta_min - beta) * min(step / decay_steps, 1.0)
@@ -371,8 +317,7 @@ def beta_schedule(step: int, beta: float, beta_min: Optional[float] = None, deca
 
 def _aggregate(x: torch.Tensor, mask: torch.Tensor, loss_agg: str, num_tokens: float, num_seqs: int,
                max_new_tokens: int) -> torch.Tensor:
-    """Sum of x (B, T) over response tokens, normalised by the *full batch's* count (so minibatch grads add up).
-    → a scalar."""
+    """Sum of x (B, T) over response tokens, normalised by the *full batch's* count (minibatch grads add up)."""
     x = torch.where(mask, x, 0.0)  # where, not multiply: padded positions may hold inf/nan
     if loss_agg == "token-mean":
         return x.sum() / num_tokens
@@ -407,9 +352,8 @@ def trrd_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: tor
                    clamp: float = 1.0) -> torch.Tensor:
     """log ρ of RLAD's Trust-Region Ratio Distillation (Zhang et al. 2026, https://arxiv.org/abs/2602.22495):
     ρ_TRRD = (π/π_old)^α · (π/π_T)^(1−α), with log(π/π_T) clamped to [−c, c] (paper: α = 0.5, c = 1).
-    (B, T) each → (B, T); old_logp and teacher_logp are constants. α = 1 is exactly GRPO's log(π/π_old). The
-    ratio is not 1 even at μ = 1, so the clip is active from the first step. The hard clamp passes no gradient
-    outside [−c, c]: there the token's gradient falls to α ∇log π."""
+    (B, T) each → (B, T); old_logp and teacher_logp are constants. α = 1 is exactly GRPO's. The ratio is not 1 even
+    at μ = 1 (the clip is active from the first step); outside [−c, c] the token's gradient falls to α ∇log π."""
     log_ratio_old = logp - old_logp.detach()  # (B, T)
     log_ratio_teacher = (logp - teacher_logp.detach()).clamp(-clamp, clamp)  # (B, T)
     return alpha * log_ratio_old + (1 - alpha) * log_ratio_teacher
@@ -418,9 +362,8 @@ def trrd_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: tor
 def kd_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str) -> torch.Tensor:
     """KDRL's per-token KD term (kd_mode="loss"): w_t · k_t, the KL estimate k_t = kl_estimate(kind) of the
     sampled token weighted by w_t = π/π_old (detached). (B, T) each → (B, T). Aggregated and times β, it is the
-    β · KL(π ‖ π_T) of J_KDRL (Xu et al. 2025, https://arxiv.org/abs/2506.02208). The weight, never clipped,
-    makes a minibatch that π_old sampled give the on-policy expected gradient (w = 1 exactly at μ = 1), for k2
-    the token-level reverse KL's (see kl_estimate). The paper is silent on μ > 1."""
+    β · KL(π ‖ π_T) of J_KDRL (Xu et al. 2025, https://arxiv.org/abs/2506.02208). The weight, never clipped, gives
+    a minibatch that π_old sampled the on-policy expected gradient (w = 1 at μ = 1). The paper is silent on μ > 1."""
     weight = torch.exp(logp.detach() - old_logp.detach())  # (B, T), π/π_old of the sampled token
     return weight * kl_estimate(logp, teacher_logp, kind)
 
@@ -429,32 +372,50 @@ def kd_reward_returns(logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torc
                       gamma: float, group_size: int, leave_one_out: bool = True) -> torch.Tensor:
     """KD as a reward (kd_mode="reward", kdrl-seq): the per-token KD return that, times β, joins the token advantage
     inside the clipped surrogate. (B, T) each, keep (B, T) bool → (B, T), 0 where masked; detached.
-
     kl_reward_to_go(γ) on the positions `keep` selects (0 elsewhere: the KD mask), minus, with leave_one_out, the
-    mean of the other G − 1 responses' returns at the same position (leave_one_out_baseline; whole groups), from
-    every response. Its expected gradient is then 0 (exactly with loss_agg="constant") when keeping a response
-    depends on that response alone (kd_mask "none", "response"). Not under "group", where the others' returns depend
-    on whether this response is correct: refused there (a baseline on kept responses only would be biased too)."""
+    other G − 1 responses' mean return at the same position (leave_one_out_baseline). Whether it lowers the variance
+    depends on the returns (test_kdrl: × 0.58 on one table, × 1.97 on another); it leaves the expected gradient
+    exactly as it was (enumerated) under two conditions:
+    - loss_agg="constant": "token-mean" and "seq-mean" divide by counts that depend on this response;
+    - keeping a response depends on it alone (kd_mask "none", "response"); under "group" the others' returns
+      depend on whether this one is correct. kdrl_loss and train.validate_config refuse it elsewhere."""
     returns = torch.where(keep, kl_reward_to_go(logp, teacher_logp, mask, gamma), 0.0)  # (B, T)
     if leave_one_out:
         returns = returns - leave_one_out_baseline(returns, group_size)  # (B, T)
     return torch.where(mask.bool(), returns, 0.0)
 
 
+def leave_one_out_bias(cfg: KDRLConfig) -> Optional[str]:
+    """Why kdrl-seq's leave-one-out baseline would move the expected gradient under cfg (see kd_reward_returns), or
+    None: one rule for kdrl_loss, which people copy alone, and train.validate_config."""
+    if cfg.kd_mode != "reward" or cfg.kd_baseline != "loo":
+        return None
+    if cfg.kd_mask == "group":
+        return ("kd_mask='group': whether the other responses keep their KD returns depends on whether this response "
+                "is correct, so the baseline depends on this response")
+    if cfg.loss_agg != "constant":
+        return (f"loss_agg={cfg.loss_agg!r}: it divides by a count that depends on this response (the batch's tokens, "
+                "or its own length), so the baseline moves the expected gradient; only loss_agg='constant' keeps it")
+    return None
+
+
 def kdrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, correct: torch.Tensor, cfg: KDRLConfig, beta: float, *,
               exact_kl: Optional[torch.Tensor] = None, num_tokens: Optional[float] = None,
-              num_seqs: Optional[int] = None, token_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+              num_seqs: Optional[int] = None,
+              sampler_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
     """The KDRL loss L = −J_GRPO + β · KD for one (mini)batch. Returns (loss, metrics), metrics detached floats.
 
-        L = agg(−w · clipped_surrogate(ρ, A)) + β · agg(w · keep · kd_token_loss)     (kd_mode="loss")
-    ρ = π/π_old (RLAD: trrd_log_ratio); A = the advantage, plus β · kd_reward_returns in kd_mode="reward" (then no
-    second term); keep = kd_response_mask; agg = _aggregate, cfg.loss_agg over the *whole* batch's counts.
-    logp, old_logp, teacher_logp, mask: (B, T); advantages, correct: (B,). exact_kl (B, T): for kd_kind="full", the
-    exact KL per position (token_logprobs_and_kl). num_tokens / num_seqs: the whole batch's counts when this is one
-    minibatch of it (default: this batch's). token_weight w, (B, T) or (B, 1), detached (default 1): π_old/q when
-    another sampler q drew the rollouts (vLLM), for both terms. The KD mask keeps the whole batch's token count as
-    its divisor: masking shrinks the KD term, it does not average over the kept tokens.
+        kd_mode="loss":    L = agg(−c · clipped_surrogate(ρ, A)) + β · agg(c · keep · kd_token_loss)
+        kd_mode="reward":  L = agg(−c · clipped_surrogate(ρ, A + β · kd_reward_returns))
+    ρ = π/π_old (RLAD: trrd_log_ratio); A = advantages; keep = kd_response_mask; agg = _aggregate, cfg.loss_agg over
+    the *whole* batch's counts; kd_token_loss carries its own π/π_old weight (kd_kind="full": exact_kl, no weight).
+    c = sampler_weight, (B, T) or (B, 1), detached, default 1: π_old/q when another sampler q drew the rollouts
+    (vLLM), on both terms. logp, old_logp, teacher_logp, mask: (B, T); advantages, correct: (B,). exact_kl (B, T):
+    for kd_kind="full", the exact KL per position (token_logprobs_and_kl). num_tokens / num_seqs: the whole batch's
+    counts when this is one minibatch of it (default: this batch's). The KD mask keeps the whole batch's token count
+    as its divisor: masking shrinks the KD term, it does not average over the kept tokens. metrics["kd_loss"] is
+    agg(c · keep · KD); in reward mode, of the sampled-token k1, logged and never added (KD is in the advantage).
     """
     mask = mask.bool()  # (B, T)
     # Padded slots may hold anything (−inf, nan): zero them *before* any arithmetic, because where() after
@@ -465,7 +426,9 @@ def kdrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Te
     num_tokens = mask.sum().item() if num_tokens is None else num_tokens
     num_seqs = mask.shape[0] if num_seqs is None else num_seqs
     counts = dict(num_tokens=max(num_tokens, 1), num_seqs=max(num_seqs, 1), max_new_tokens=cfg.max_new_tokens)
-    weight = torch.ones_like(logp) if token_weight is None else torch.where(mask, token_weight.detach(), 0.0)  # (B, T)
+    if sampler_weight is None:
+        sampler_weight = torch.ones_like(logp)  # (B, T)
+    sampler_weight = torch.where(mask, sampler_weight.detach(), 0.0)  # (B, T)
     kd_keep = kd_response_mask(correct, cfg.kd_mask, cfg.group_size)[:, None] & mask  # (B, T)
     if cfg.trrd_alpha is None:  # GRPO's ratio π/π_old, or TRRD's teacher-anchored one
         log_ratio = logp - old_logp  # (B, T)
@@ -473,29 +436,30 @@ def kdrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Te
         log_ratio = trrd_log_ratio(logp, old_logp, teacher_logp, cfg.trrd_alpha, cfg.trrd_clamp)  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
     adv = advantages.detach()[:, None].to(logp.dtype).expand_as(logp)  # (B, T): each response's A on its tokens
-    if cfg.kd_mode == "reward":  # KD as a reward: β × the KD return joins the advantage
-        leave_one_out = cfg.kd_baseline == "loo"
-        if leave_one_out and cfg.kd_mask == "group":  # train.validate_config refuses it too; this loss is copied alone
-            raise ValueError("kdrl_loss: kd_baseline='loo' with kd_mask='group' is biased (see kd_reward_returns)")
-        adv = adv + beta * kd_reward_returns(logp, teacher_logp, mask, kd_keep, cfg.kd_gamma, cfg.group_size,
-                                             leave_one_out)  # (B, T)
-    kind = cfg.kd_kind if cfg.kd_mode == "loss" else "k1"  # reward mode: only a metric (−k1 is the KD reward)
-    if kind == "full" and exact_kl is None:
-        raise ValueError("kdrl_loss: kd_kind='full' needs exact_kl, the per-token KL over the vocabulary (full_kl)")
-    if kind == "full":  # a sum over the vocabulary, which needs no π/π_old weight
+
+    if cfg.kd_mode == "reward":  # KD as a reward: β × the KD return joins the advantage, and no second term
+        if bias := leave_one_out_bias(cfg):  # train.validate_config refuses it too; this loss is copied alone
+            raise ValueError(f"kdrl_loss: kd_baseline='loo' with {bias}")
+        kd_returns = kd_reward_returns(logp, teacher_logp, mask, kd_keep, cfg.kd_gamma, cfg.group_size,
+                                       leave_one_out=cfg.kd_baseline == "loo")  # (B, T)
+        adv = adv + beta * kd_returns  # (B, T)
+        kd_per_token = kl_estimate(logp.detach(), teacher_logp, "k1")  # (B, T): for the kd_loss metric only
+    elif cfg.kd_kind == "full":  # the exact KL, a sum over the vocabulary: it needs no π/π_old weight
+        if exact_kl is None:
+            raise ValueError("kdrl_loss: kd_kind='full' needs exact_kl, the per-token KL over the vocabulary (full_kl)")
         kd_per_token = torch.where(mask, exact_kl, 0.0)  # (B, T)
     else:
-        kd_per_token = kd_token_loss(logp, old_logp, teacher_logp, kind)  # (B, T)
+        kd_per_token = kd_token_loss(logp, old_logp, teacher_logp, cfg.kd_kind)  # (B, T)
 
     surrogate = clipped_surrogate(ratio, adv, cfg.clip_eps_low, cfg.clip_eps_high)  # (B, T)
-    pg_loss = _aggregate(weight * -surrogate, mask, cfg.loss_agg, **counts)  # −J_GRPO, a scalar
-    kd_loss = _aggregate(weight * torch.where(kd_keep, kd_per_token, 0.0), mask, cfg.loss_agg, **counts)  # KD
+    pg_loss = _aggregate(sampler_weight * -surrogate, mask, cfg.loss_agg, **counts)  # −J_GRPO, a scalar
+    kd_loss = _aggregate(sampler_weight * torch.where(kd_keep, kd_per_token, 0.0), mask, cfg.loss_agg, **counts)
     loss = pg_loss + beta * kd_loss if cfg.kd_mode == "loss" else pg_loss  # L = −J_GRPO + β · KD
 
     with torch.no_grad():
         below = (ratio < 1 - cfg.clip_eps_low) & (adv < 0)  # (B, T): clipped tokens, whose gradient is 0
         above = (ratio > 1 + cfg.clip_eps_high) & (adv > 0)  # (B, T)
-        k1, k3 = (_masked_mean(kl_estimate(logp, teacher_logp, kind), mask) for kind in ("k1", "k3"))
+        k1, k3 = (_masked_mean(kl_estimate(logp, teacher_logp, estimator), mask) for estimator in ("k1", "k3"))
         metrics = dict(pg_loss=pg_loss.item(), kd_loss=kd_loss.item(), kl_k1=k1, kl_k3=k3,
                        entropy=-_masked_mean(logp, mask), clip_frac=_masked_mean((below | above).to(logp.dtype), mask),
                        ratio=_masked_mean(ratio, mask),
@@ -518,6 +482,155 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor,
 
 
 # -----------------------------------------------------------------------------
+# One training step: sample → reward → advantage → teacher → update → metrics row. train.py loops over it.
+
+
+def train_step(cfg: KDRLConfig, step: int, student, teacher, tokenizer, optimizer, batch: list[dict],
+               reward_fn: Callable, *, end_ids: Optional[list[int]] = None) -> dict:
+    """One step of cfg.method on `batch`, rows {"prompt": ..., "answer": ...}; returns the step's metrics row.
+    It does not check cfg: the caller validated it (train.validate_config), zeroed the student's dropout and put
+    both models in eval mode, as train.train() does; but a sequential preset (switch_step ≥ 1) is refused, since one
+    step cannot know when to switch: pass phase_config(cfg, switched). end_ids: the ids that end a response
+    (default: end_token_ids). Forward passes run under bf16 autocast when cfg.dtype resolves to bfloat16.
+    """
+    if cfg.switch_step:  # looping over train_step with the preset itself would distil forever, silently
+        raise ValueError(f"train_step: method={cfg.method!r} switches at step {cfg.switch_step}, which one step cannot "
+                         "do: pass kdrl.phase_config(cfg, switched) (train.train decides when, and resets AdamW)")
+    device = next(student.parameters()).device
+    G, V = cfg.group_size, len(tokenizer)  # V: the tokenizer's columns (checkpoints pad their logits beyond it)
+    end_ids = end_token_ids(tokenizer, student, teacher) if end_ids is None else end_ids
+    beta = beta_schedule(step, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
+    times = {}
+    with timed(times, "sampling"), autocast_for(cfg.dtype, device):  # 1. G responses per prompt (SFT: teacher's)
+        sampler = teacher if cfg.sft else student
+        prompts = [ex["prompt"] for ex in batch]
+        rollouts = sample_rollouts(sampler, tokenizer, prompts, G, cfg.max_new_tokens, cfg.temperature,
+                                   vocab_size=V, end_ids=end_ids)
+    completions = decode(tokenizer, rollouts)
+    rewards, correct = score_completions(reward_fn, batch, completions, G, cfg.format_bonus)  # 2. (B,), (B,)
+    rewards, correct = rewards.to(device), correct.to(device)
+    advantages = torch.zeros_like(rewards)  # 3. (B,); zero without a reward: pure distillation
+    if cfg.use_reward:
+        advantages = grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps)
+    with timed(times, "teacher"), autocast_for(cfg.dtype, device):  # 4. teacher (and old-policy) log-probs
+        scores = teacher_pass(cfg, student, teacher, rollouts, V)
+    trained_on = correct  # (B,) bool; SFT: the teacher samples that ended, correct ones only unless sft_keep="all"
+    if cfg.sft:
+        trained_on = (correct if cfg.sft_keep == "correct" else torch.ones_like(correct)) & ~rollouts.truncated
+    with timed(times, "update"), autocast_for(cfg.dtype, device):  # 5. μ epochs, each one optimizer step
+        grad_norm, parts = policy_update(cfg, student, teacher, optimizer, rollouts=rollouts, advantages=advantages,
+                                         trained_on=trained_on, beta=beta, scores=scores, vocab_size=V, step=step)
+    row = dict(step=step, beta=beta, grad_norm=grad_norm, **_loss_metrics(cfg, parts))  # 6. the metrics row
+    row.update(_batch_metrics(cfg, rollouts, rewards, correct, advantages, trained_on))
+    return dict(row, **{f"time_{phase}": seconds for phase, seconds in times.items()})
+
+
+@torch.no_grad()
+def teacher_pass(cfg: KDRLConfig, student, teacher, rollouts: Rollouts, vocab_size: int) -> dict:
+    """Step 4, no grad, nothing that grows with V: teacher_logp (B, T); for kd_kind="full" teacher_hidden (B, T, H_T),
+    from which the update rebuilds the teacher's logits chunk by chunk; for μ > 1, old_logp (B, T)."""
+    scores = dict(teacher_logp=torch.zeros_like(rollouts.logprobs), teacher_hidden=None, old_logp=None)
+    if uses_exact_kl(cfg):
+        teacher_logp, teacher_hidden = _score(cfg, token_logprobs_and_hidden, teacher, rollouts, vocab_size)
+        scores.update(teacher_logp=teacher_logp, teacher_hidden=teacher_hidden)  # (B, T), (B, T, H_T)
+    elif needs_teacher(cfg):
+        scores["teacher_logp"] = _score(cfg, token_logprobs, teacher, rollouts, vocab_size)  # (B, T)
+    if cfg.mu > 1 and not cfg.sft:  # SFT's NLL needs no old policy
+        scores["old_logp"] = _score(cfg, token_logprobs, student, rollouts, vocab_size)  # (B, T)
+    return scores
+
+
+def needs_teacher(cfg: KDRLConfig) -> bool:
+    return not cfg.sft and (max(cfg.beta, cfg.beta_min or 0.0) > 0 or cfg.trrd_alpha is not None)
+
+
+def uses_exact_kl(cfg: KDRLConfig) -> bool:
+    return cfg.kd_kind == "full" and cfg.kd_mode == "loss" and needs_teacher(cfg)
+
+
+def _score(cfg: KDRLConfig, scorer: Callable, model, rollouts: Rollouts, vocab_size: int, *args):
+    """scorer (token_logprobs or a variant) on the rollouts at the sampling temperature (SFT: τ = 1, plain NLL)."""
+    temperature = 1.0 if cfg.sft else cfg.temperature
+    return scorer(model, rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask, *args,
+                  temperature=temperature, vocab_size=vocab_size, chunk_size=cfg.logprob_chunk)
+
+
+def policy_update(cfg: KDRLConfig, student, teacher, optimizer, *, rollouts: Rollouts, advantages: torch.Tensor,
+                  trained_on: torch.Tensor, beta: float, scores: dict, vocab_size: int, step: int) -> tuple:
+    """Step 5: μ epochs over the batch, each one optimizer step, gradients accumulated over minibatches of whole
+    groups with the full batch's normaliser. Returns the last epoch's grad norm and its (tokens, metrics) parts.
+    trained_on (B,) bool: the correct responses (the KD masks read them), or for SFT the teacher samples kept.
+    Train mode only when checkpointing activations (Hugging Face needs it): dropout is zeroed, so both modes agree."""
+    checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in student.modules())
+    student.train(checkpointing)  # Hugging Face checkpoints activations only in train mode
+    mask = rollouts.response_mask  # (B, T)
+    batch_size, G = mask.shape[0], cfg.group_size
+    minibatch_size = max(G, cfg.minibatch_size // G * G)  # whole groups (the "group" KD mask needs them)
+    num_tokens = (mask & trained_on[:, None]).sum().item() if cfg.sft else mask.sum().item()
+    for _ in range(cfg.mu):
+        optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for first in range(0, batch_size, minibatch_size):
+            mb = slice(first, first + minibatch_size)  # mb: the rows of one minibatch
+            if cfg.sft:  # the SFT baseline: NLL on the kept teacher samples
+                logp = _score(cfg, token_logprobs, student, rollouts[mb], vocab_size)  # (b, T)
+                loss, metrics = sft_loss(logp, mask[mb], trained_on[mb], num_tokens)
+            else:
+                exact_kl = None
+                if scores["teacher_hidden"] is not None:  # kd_kind="full": KL over the vocabulary, chunk by chunk
+                    teacher_side = (teacher.get_output_embeddings(), scores["teacher_hidden"][mb])
+                    logp, exact_kl = _score(cfg, token_logprobs_and_kl, student, rollouts[mb], vocab_size,
+                                            *teacher_side)  # (b, T), (b, T)
+                else:
+                    logp = _score(cfg, token_logprobs, student, rollouts[mb], vocab_size)  # (b, T)
+                old_logp = logp.detach() if scores["old_logp"] is None else scores["old_logp"][mb]  # μ = 1: ρ = 1
+                loss, metrics = kdrl_loss(logp, old_logp, scores["teacher_logp"][mb], advantages[mb], mask[mb],
+                                          trained_on[mb], cfg, beta, exact_kl=exact_kl, num_tokens=num_tokens,
+                                          num_seqs=batch_size)
+            if not torch.isfinite(loss):
+                bad = {name: value for name, value in metrics.items() if not math.isfinite(value)} or "none"
+                raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {bad})")
+            loss.backward()
+            parts.append((mask[mb].sum().item(), metrics))
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf")).item()
+        if not math.isfinite(grad_norm):
+            raise KDRLError(f"non-finite gradient at step {step} (grad_norm={grad_norm})")
+        if cfg.sft and num_tokens == 0:  # SFT kept no sample: no step (AdamW's momentum would still move the weights)
+            continue
+        optimizer.step()
+    student.eval()
+    return grad_norm, parts
+
+
+def _loss_metrics(cfg: KDRLConfig, parts: list) -> dict:
+    """The last epoch's metrics over its minibatches' (tokens, metrics) parts: each *_loss is its minibatch's share
+    (they add up), the others token-weighted means of minibatch means. No KL metrics when no teacher was scored."""
+    total = sum(tokens for tokens, _ in parts) or 1
+    row = {}
+    for name in parts[0][1]:
+        if name.endswith("_loss"):
+            row[name] = sum(metrics[name] for _, metrics in parts)
+        else:
+            row[name] = sum(tokens * metrics[name] / total for tokens, metrics in parts)
+    if not needs_teacher(cfg):
+        for name in ("kl_k1", "kl_k3", "kd_loss"):
+            row.pop(name, None)
+    return row
+
+
+def _batch_metrics(cfg: KDRLConfig, rollouts: Rollouts, rewards, correct, advantages, trained_on) -> dict:
+    """What the step's batch was: reward, accuracy, length, truncation, tokens; for SFT the fraction of teacher
+    samples trained on, otherwise the fraction of groups whose advantages are all 0 (no policy gradient)."""
+    row = dict(reward=rewards.mean().item(), acc=correct.float().mean().item(),
+               length=rollouts.response_mask.sum(1).float().mean().item(),
+               truncated=rollouts.truncated.float().mean().item(),
+               tokens=rollouts.attention_mask.sum().item())  # non-pad prompt and response tokens
+    if cfg.sft:
+        return dict(row, sft_kept=trained_on.float().mean().item())
+    return dict(row, zero_adv_frac=(advantages.view(-1, cfg.group_size) == 0).all(dim=1).float().mean().item())
+
+
+# -----------------------------------------------------------------------------
 # Models: sampling and log-probs, the two hot paths (sampling, the bulk of a step; the teacher's forward, KD's cost).
 
 
@@ -528,8 +641,7 @@ class Rollouts:
     input_ids: torch.Tensor  # (B, P+T) left-padded prompt, then the response, pad after its first end token
     attention_mask: torch.Tensor  # (B, P+T) 1 on prompt tokens and on response tokens up to the first end token
     response_mask: torch.Tensor  # (B, T) bool, response tokens up to and *including* the first end token
-    logprobs: torch.Tensor  # (B, T) float32 log π(y_t | y_<t) at the sampling temperature (1 if greedy), 0 where
-    # masked: a by-product of sampling, for diagnostics; the loss never reads it (μ > 1 rescores: teacher_pass)
+    logprobs: torch.Tensor  # (B, T) float32 log π(y_t | y_<t) at the sampling τ, 0 where masked; unused by the loss
     truncated: torch.Tensor  # (B,) bool, no end id (EOS or another, see end_token_ids) within max_new_tokens
 
     @property
@@ -579,15 +691,10 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _scoring_temperature(temperature: float) -> float:
-    """τ of the log-probs: the sampling one, or 1 for greedy decoding (τ = 0 has no distribution: plain softmax)."""
-    return temperature or 1.0
-
-
 def _next_token(logits: torch.Tensor, temperature: float, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample (or argmax at τ = 0) from logits (B, ≥V), padded columns ≥ vocab_size excluded.
     Returns token (B,) and its log-prob (B,) float32 under softmax(logits / τ) (τ = 1 when greedy)."""
-    scaled = logits[:, :vocab_size].float() / _scoring_temperature(temperature)  # (B, V)
+    scaled = logits[:, :vocab_size].float() / (temperature or 1.0)  # (B, V); greedy (τ = 0): plain softmax
     logp = torch.log_softmax(scaled, dim=-1)  # (B, V)
     if temperature == 0:
         token = logp.argmax(-1)
@@ -597,8 +704,7 @@ def _next_token(logits: torch.Tensor, temperature: float, vocab_size: int) -> tu
 
 
 def _cache_argument(model) -> str:
-    """The forward() argument that takes the KV cache: "cache" from transformers 5.2x (where "past_key_values" is
-    deprecated, to be removed in 5.40), "past_key_values" before."""
+    """The forward() argument that takes the KV cache: "cache" from transformers 5.2x, "past_key_values" before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -609,8 +715,7 @@ def _returned_cache(out):
 
 
 def _drop_finished(cache, alive: torch.Tensor) -> torch.Tensor:
-    """Shrink the KV cache to the rows still alive (alive: (rows,) bool); returns their indices.
-    Called once a tenth of the decoding batch has finished, so the copies stay rare."""
+    """Shrink the KV cache to the rows still alive (alive: (rows,) bool, once a tenth has finished); their indices."""
     if not hasattr(cache, "reorder_cache"):  # a cache we cannot shrink: keep decoding every row
         return torch.arange(len(alive), device=alive.device)
     keep = alive.nonzero().squeeze(1)
@@ -624,11 +729,9 @@ def sample_rollouts(model, tokenizer, prompts: list[str], group_size: int, max_n
                     end_ids: Optional[list[int]] = None) -> Rollouts:
     """Sample group_size responses to each prompt with a KV cache; temperature 0 is greedy. N prompts in,
     B = N · group_size responses out, groups contiguous; T ≤ max_new_tokens is the longest. A response ends at its
-    first token in end_ids (default end_token_ids(tokenizer, model)), which it keeps. The reported log-probs are of
-    softmax(logits / τ), the distribution actually sampled (score the teacher at the same τ). Logit columns
-    ≥ vocab_size (default len(tokenizer)) are excluded: padding carries no probability. Runs under no_grad (not
-    inference_mode), so the ids can enter a graph that needs backward. Finished rows leave the decoding batch as
-    they accumulate (_drop_finished): most responses end long before the longest.
+    first token in end_ids (default end_token_ids(tokenizer, model)), which it keeps. Log-probs are of
+    softmax(logits / τ), what was sampled. Logit columns ≥ vocab_size (default len(tokenizer)) are excluded.
+    no_grad, not inference_mode, so the ids can enter a graph. Finished rows leave the decoding batch (_drop_finished).
     """
     V = vocab_size or len(tokenizer)
     pad = pad_token_id(tokenizer)
@@ -680,68 +783,54 @@ def sample_rollouts(model, tokenizer, prompts: list[str], group_size: int, max_n
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
 
 
-def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
-                    vocab_size: int) -> torch.Tensor:
+def _chunk_logprobs(head, temperature: float, vocab_size: int, hidden: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
     """log softmax(head(hidden) / τ)[target] for rows of hidden (N, H) → (N,) float32, via logsumexp."""
     logits = head(hidden)[:, :vocab_size].float() / temperature  # (N, V): the only (·, V) tensor alive
     return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)
 
 
+def _chunk_logprobs_kl(head, temperature, vocab_size, teacher_head, hidden, targets, teacher_hidden) -> tuple:
+    """_chunk_logprobs, and the exact KL(π ‖ π_T) per row from both models' rebuilt logits. → (N,), (N,) float32.
+    teacher_hidden: (N, H_T), no gradient. _FullKL gives the KL and the student's log-normaliser in one pass."""
+    logits = head(hidden)  # (N, ≥V), padded columns included (_FullKL reads the first V)
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_hidden)  # (N, ≥V)
+    kl, lse = _FullKL.apply(logits, teacher_logits, vocab_size, max(len(logits), 1), temperature)  # (N,), (N,)
+    logp = logits.gather(1, targets[:, None]).squeeze(1).to(lse.dtype) / temperature - lse  # (N,)
+    return logp, kl
+
+
+def _by_chunks(fn, fixed: tuple, rows: tuple, chunk_size: int, checkpoint: bool, outputs: int = 1) -> list:
+    """fn(*fixed, *chunk) over chunk_size rows of each tensor in `rows` at a time, its `outputs` (c,) outputs joined to
+    (N,). With checkpoint a chunk's (c, V) logits are recomputed in the backward pass, not saved: O(chunk_size · V)."""
+    outs = []
+    for i in range(0, len(rows[0]), chunk_size):
+        args = (*fixed, *(x[i : i + chunk_size] for x in rows))
+        out = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if checkpoint else fn(*args)
+        outs.append(out if isinstance(out, tuple) else (out,))
+    if not outs:  # no rows
+        return [rows[0].new_zeros(0, dtype=torch.float32) for _ in range(outputs)]
+    return [torch.cat(parts) for parts in zip(*outs, strict=True)]
+
+
 def head_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_size: int,
                   chunk_size: int = 256, *, checkpoint: bool = True) -> torch.Tensor:
-    """log softmax(head(hidden) / τ)[target] over the first vocab_size columns. (N, H), (N,) → (N,) float32.
-
-    The output head runs on chunk_size rows at a time, so the only (·, V) tensor alive is one chunk's logits; with
-    a gradient and checkpoint=True they are recomputed in the backward pass instead of saved, so memory stays
-    O(chunk_size · V) whatever N is. head: any callable (an nn.Linear; nn.Identity when hidden holds logits)."""
-    use_checkpoint = checkpoint and torch.is_grad_enabled() and hidden.requires_grad
-    logps = []
-    for i in range(0, hidden.shape[0], chunk_size):
-        args = (head, hidden[i : i + chunk_size], targets[i : i + chunk_size], temperature, vocab_size)
-        if use_checkpoint:
-            logps.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))  # (chunk,)
-        else:
-            logps.append(_chunk_logprobs(*args))  # (chunk,)
-    return torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
-
-
-def _chunk_logprobs_kl(head, hidden, targets, temperature, vocab_size, teacher_head, teacher_hidden):
-    """_chunk_logprobs, and the exact KL(π ‖ π_T) per row from both models' rebuilt logits. → (N,), (N,) float32.
-    teacher_hidden: (N, H_T), the teacher's final hidden states at the same positions; no gradient reaches it."""
-    logits = head(hidden)[:, :vocab_size].float() / temperature  # (N, V)
-    logp = logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)  # (N,)
-    with torch.no_grad():
-        teacher_logits = teacher_head(teacher_hidden)[:, :vocab_size].float() / temperature  # (N, V)
-    return logp, full_kl(logits, teacher_logits, vocab_size, chunk_size=max(len(logits), 1))
+    """log softmax(head(hidden) / τ)[target] over the first vocab_size columns. (N, H), (N,) → (N,) float32. The head
+    (any callable: an nn.Linear, nn.Identity when hidden holds logits) runs chunk_size rows at a time (_by_chunks)."""
+    checkpoint = checkpoint and torch.is_grad_enabled() and hidden.requires_grad
+    return _by_chunks(_chunk_logprobs, (head, temperature, vocab_size), (hidden, targets), chunk_size, checkpoint)[0]
 
 
 def head_logprobs_and_kl(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_size: int,
                          teacher_head, teacher_hidden: torch.Tensor, chunk_size: int = 256) -> tuple:
     """head_logprobs, and each row's exact KL(π ‖ π_T) over the vocabulary. (N, H), (N,), (N, H_T) → (N,), (N,).
-
-    kdrl-full's path: each chunk rebuilds both models' logits at temperature τ from final hidden states and output
-    heads, feeds them to full_kl and frees them (under activation checkpointing with a gradient, which reaches
-    hidden and head only), so no (N, V) tensor is ever alive."""
+    kdrl-full's path: each chunk rebuilds both models' logits at τ from final hidden states and output heads, feeds
+    them to _FullKL and frees them (checkpointed; the gradient reaches hidden and head only): no (N, V) tensor."""
     use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
-    logps, kls = [], []
-    for i in range(0, hidden.shape[0], chunk_size):
-        chunk = slice(i, i + chunk_size)
-        args = (head, hidden[chunk], targets[chunk], temperature, vocab_size, teacher_head, teacher_hidden[chunk])
-        if use_checkpoint:
-            logp, kl = torch.utils.checkpoint.checkpoint(_chunk_logprobs_kl, *args, use_reentrant=False)
-        else:
-            logp, kl = _chunk_logprobs_kl(*args)
-        logps.append(logp)  # (chunk,)
-        kls.append(kl)  # (chunk,)
-    empty = hidden.new_zeros(0, dtype=torch.float32)
-    return (torch.cat(logps), torch.cat(kls)) if logps else (empty, empty)  # (N,), (N,)
-
-
-def _length_buckets(lengths: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """Row indices sorted by response length, split into n buckets. Each bucket is run trimmed to its own
-    longest response, so short responses stop paying for the padding behind the longest one (exact:
-    attention is causal, so the positions cut away cannot change the ones kept)."""
-    return list(lengths.argsort(descending=True, stable=True).chunk(n))
+    logp, kl = _by_chunks(_chunk_logprobs_kl, (head, temperature, vocab_size, teacher_head),
+                          (hidden, targets, teacher_hidden), chunk_size, use_checkpoint, outputs=2)
+    return logp, kl  # (N,), (N,)
 
 
 def _logits_need_full_path(model) -> Optional[str]:
@@ -761,17 +850,18 @@ def check_logits_rebuildable(model) -> None:
 
 
 def _response_states(model, input_ids, attention_mask, response_mask, length_buckets: int):
-    """One forward pass per length bucket, keeping the n response positions the mask keeps. Returns (head, states
-    (n, H), targets (n,), index (n,) into the flat (B·T,) grid), head(states) being the logits predicting targets.
-    Models whose logits are post-processed after the head (Gemma-2 soft-capping, Cohere's logit scale) or that
-    expose none give their full logits as states (n, V), in the model dtype, with an identity head."""
+    """One forward pass per length bucket, keeping the n response positions the mask keeps: (head, states (n, H),
+    targets (n,), index (n,) into the flat (B·T,) grid), head(states) the logits predicting targets. Models whose
+    logits are post-processed after the head (Gemma-2, Cohere) or with none give full logits (n, V), identity head."""
     B, T = response_mask.shape
     P = input_ids.shape[1] - T  # prompt length (left-padded)
     mask = response_mask.bool()  # (B, T)
     lengths = mask.sum(1)  # (B,)
     full_logits = _logits_need_full_path(model) is not None
     states, targets, index = [], [], []
-    for idx in _length_buckets(lengths, length_buckets):  # idx: (b,) the rows of one bucket
+    # rows sorted by response length in buckets, each run trimmed to its own longest response: short responses stop
+    # paying for the padding behind the longest (exact: attention is causal, so the cut positions change nothing)
+    for idx in lengths.argsort(descending=True, stable=True).chunk(length_buckets):  # idx: (b,) one bucket's rows
         longest = int(lengths[idx].max()) if len(idx) else 0  # this bucket's longest response
         if longest == 0:
             continue
@@ -805,16 +895,14 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    temperature: float = 1.0, vocab_size: Optional[int] = None, chunk_size: int = 256,
                    length_buckets: int = 4) -> torch.Tensor:
     """Float32 log π(y_t | y_<t) of the response tokens at temperature τ (0 where response_mask is 0).
-
     input_ids, attention_mask: (B, P+T); response_mask: (B, T), the last T columns. Returns (B, T). Rows run in
-    length_buckets forward passes of similar response length (so "one teacher pass" is up to that many calls). Only
-    the kept response positions go through the output head, chunk_size at a time, over the first vocab_size columns
-    (head_logprobs): memory beyond the model's own activations is O(chunk_size · V), never (B, T, V).
-    """
+    length_buckets forward passes of similar response length ("one teacher pass" is up to that many calls); only
+    the kept positions go through the output head, chunk_size at a time (head_logprobs): memory beyond the model's
+    own activations is O(chunk_size · V), never (B, T, V)."""
     B, T = response_mask.shape
     head, states, targets, index = _response_states(model, input_ids, attention_mask, response_mask, length_buckets)
     V = vocab_size or model.config.vocab_size
-    logp = head_logprobs(head, states, targets, _scoring_temperature(temperature), V, chunk_size,
+    logp = head_logprobs(head, states, targets, temperature or 1.0, V, chunk_size,
                          checkpoint=not isinstance(head, torch.nn.Identity))  # (n,)
     return _on_grid(logp, index, B, T)  # (B, T)
 
@@ -827,20 +915,19 @@ def token_logprobs_and_hidden(model, input_ids, attention_mask, response_mask, *
     B, T = response_mask.shape
     head, states, targets, index = _response_states(model, input_ids, attention_mask, response_mask, length_buckets)
     V = vocab_size or model.config.vocab_size
-    logp = head_logprobs(head, states, targets, _scoring_temperature(temperature), V, chunk_size)  # (n,)
+    logp = head_logprobs(head, states, targets, temperature or 1.0, V, chunk_size)  # (n,)
     return _on_grid(logp, index, B, T), _on_grid(states, index, B, T)  # (B, T), (B, T, H)
 
 
 def token_logprobs_and_kl(model, input_ids, attention_mask, response_mask, teacher_head, teacher_hidden, *,
                           temperature=1.0, vocab_size=None, chunk_size=256, length_buckets=4) -> tuple:
-    """token_logprobs, and the exact KL(π ‖ π_T) over the vocabulary at each response position, (B, T), 0 where
-    masked, with grad to the student: kdrl-full's update. teacher_hidden: (B, T, H_T) from token_logprobs_and_hidden;
-    both models' logits are rebuilt chunk by chunk (head_logprobs_and_kl)."""
+    """token_logprobs, and the exact KL(π ‖ π_T) at each response position, (B, T), 0 where masked, with grad to the
+    student: kdrl-full's update. teacher_hidden: (B, T, H_T) from token_logprobs_and_hidden (head_logprobs_and_kl)."""
     check_logits_rebuildable(model)
     B, T = response_mask.shape
     head, states, targets, index = _response_states(model, input_ids, attention_mask, response_mask, length_buckets)
     teacher_states = teacher_hidden.reshape(B * T, -1)[index]  # (n, H_T)
-    logp, kl = head_logprobs_and_kl(head, states, targets, _scoring_temperature(temperature),
+    logp, kl = head_logprobs_and_kl(head, states, targets, temperature or 1.0,
                                     vocab_size or model.config.vocab_size, teacher_head, teacher_states, chunk_size)
     return _on_grid(logp, index, B, T), _on_grid(kl, index, B, T)  # (B, T), (B, T)
 
@@ -852,8 +939,7 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(/\d+)?$")
 
 
 def extract_answer(text: str) -> Optional[str]:
-    """The final answer: the *last* \\boxed{...} (nested braces allowed), else the last '#### x', else the
-    last 'Answer: x'. None if there is none."""
+    """The final answer: the *last* \\boxed{...} (nested braces), else the last '#### x', else 'Answer: x', or None."""
     start = text.rfind("\\boxed{")
     while start >= 0:
         depth, i = 1, start + len("\\boxed{")
@@ -925,156 +1011,70 @@ def score_completions(reward_fn: Callable, examples: list[dict], completions: li
 
 
 # -----------------------------------------------------------------------------
-# One training step: sample → reward → advantage → teacher → update → metrics row. train.py loops over it.
+# Numerical engineering: the exact KL in float32 (full_kl's), timing, the compute dtype.
 
 
-def train_step(cfg: KDRLConfig, step: int, student, teacher, tokenizer, optimizer, batch: list[dict],
-               reward_fn: Callable, *, end_ids: Optional[list[int]] = None) -> dict:
-    """One step of cfg.method on `batch`, rows {"prompt": ..., "answer": ...}; returns the step's metrics row.
-
-    It does not check cfg: the caller validated it (train.validate_config), zeroed the student's dropout and put
-    both models in eval mode, as train.train() does. end_ids: the ids that end a response (default: end_token_ids).
-    Forward passes run under bf16 autocast when cfg.dtype resolves to bfloat16 ("auto" on CUDA).
-    """
-    device = next(student.parameters()).device
-    G, V = cfg.group_size, len(tokenizer)  # V: the tokenizer's columns (checkpoints pad their logits beyond it)
-    end_ids = end_token_ids(tokenizer, student, teacher) if end_ids is None else end_ids
-    beta = beta_schedule(step, cfg.beta, cfg.beta_min, cfg.beta_decay_steps)
-    times = {}
-    with timed(times, "sampling"), autocast_for(cfg.dtype, device):  # 1. G responses per prompt (SFT: teacher's)
-        sampler = teacher if cfg.sft else student
-        prompts = [ex["prompt"] for ex in batch]
-        rollouts = sample_rollouts(sampler, tokenizer, prompts, G, cfg.max_new_tokens, cfg.temperature,
-                                   vocab_size=V, end_ids=end_ids)
-    completions = decode(tokenizer, rollouts)
-    rewards, correct = score_completions(reward_fn, batch, completions, G, cfg.format_bonus)  # 2. (B,), (B,)
-    rewards, correct = rewards.to(device), correct.to(device)
-    advantages = torch.zeros_like(rewards)  # 3. (B,); zero without a reward: pure distillation
-    if cfg.use_reward:
-        advantages = grpo_advantages(rewards, G, cfg.scale_adv_by_std, cfg.adv_eps)
-    with timed(times, "teacher"), autocast_for(cfg.dtype, device):  # 4. teacher (and old-policy) log-probs
-        scores = teacher_pass(cfg, student, teacher, rollouts, V)
-    trained_on = _sft_samples(cfg, correct, rollouts) if cfg.sft else correct  # (B,) bool
-    with timed(times, "update"), autocast_for(cfg.dtype, device):  # 5. μ epochs, each one optimizer step
-        grad_norm, parts = policy_update(cfg, student, teacher, optimizer, rollouts=rollouts, advantages=advantages,
-                                         trained_on=trained_on, beta=beta, scores=scores, vocab_size=V, step=step)
-    row = dict(step=step, beta=beta, grad_norm=grad_norm, **_loss_metrics(cfg, parts))  # 6. the metrics row
-    row.update(_batch_metrics(cfg, rollouts, rewards, correct, advantages, trained_on))
-    return dict(row, **{f"time_{phase}": seconds for phase, seconds in times.items()})
+def _autocast_off(device: torch.device):
+    """A context in which autocast does not touch ops on `device` (none where the device has no autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def teacher_pass(cfg: KDRLConfig, student, teacher, rollouts: Rollouts, vocab_size: int) -> dict:
-    """Step 4, no grad, nothing that grows with V: teacher_logp (B, T); for kd_kind="full" teacher_hidden
-    (B, T, H_T), the teacher's final hidden states, from which the update rebuilds its logits chunk by chunk; for
-    μ > 1, old_logp. Each scoring is up to 4 forward calls, one per length bucket (token_logprobs)."""
-    scores = dict(teacher_logp=torch.zeros_like(rollouts.logprobs), teacher_hidden=None, old_logp=None)
-    if uses_exact_kl(cfg):
-        teacher_logp, teacher_hidden = _score(cfg, token_logprobs_and_hidden, teacher, rollouts, vocab_size)
-        scores.update(teacher_logp=teacher_logp, teacher_hidden=teacher_hidden)  # (B, T), (B, T, H_T)
-    elif needs_teacher(cfg):
-        scores["teacher_logp"] = _score(cfg, token_logprobs, teacher, rollouts, vocab_size)  # (B, T)
-    if cfg.mu > 1 and not cfg.sft:  # SFT's NLL needs no old policy
-        scores["old_logp"] = _score(cfg, token_logprobs, student, rollouts, vocab_size)  # (B, T)
-    return scores
+class _FullKL(torch.autograd.Function):
+    """full_kl's engine: for rows s, t (N, ≥V) of logits, u = s/τ and w = t/τ over the first V columns, returns
+    KL(softmax(u) ‖ softmax(w)) and lse(u) = log Σ_v exp(u_v) (so the student's log-probs cost one gather). In float32
+    (float64 stays float64), autocast off, from e = exp(u − max u), no log-softmax written out:
+        Z = Σ e,  m = Σ e (u − w) / Z,  KL = m − lse(u) + lse(w);  ∂KL/∂u = p ⊙ (u − w − m),  ∂lse/∂u = p = e / Z.
+    Dividing by the float32 Z makes each gradient row sum to 0 up to its terms' rounding. chunk_size rows at a time;
+    only the inputs and three floats a row are saved (at most two (chunk, V) float32 temporaries in either pass)."""
+
+    @staticmethod
+    def forward(ctx, s, t, vocab_size, chunk_size, temperature):  # s, t: (N, ≥V)
+        ctx.set_materialize_grads(False)
+        dtype = torch.promote_types(s.dtype, torch.float32)
+        kl, lse, mean_diff = (s.new_empty(s.shape[0], dtype=dtype) for _ in range(3))  # (N,) each
+        with _autocast_off(s.device):
+            for first in range(0, s.shape[0], chunk_size):
+                rows = slice(first, first + chunk_size)
+                x, y = s[rows, :vocab_size].to(dtype), t[rows, :vocab_size].to(dtype)  # (c, V) each
+                lse_y = _logsumexp(y, temperature)[1]  # (c,)
+                e, lse[rows], z = _logsumexp(x, temperature)  # (c, V), (c,), (c,)
+                # m = Σ e (s − t) / (τ Z), summed pairwise (a BLAS dot product of e and s − t is 1e-5 off)
+                mean_diff[rows] = torch.sub(x, y).mul_(e).sum(dim=-1) / z / temperature  # (c,)
+                kl[rows] = mean_diff[rows] - lse[rows] + lse_y
+        ctx.save_for_backward(s, t, lse, mean_diff)
+        ctx.vocab_size, ctx.chunk_size, ctx.temperature = vocab_size, chunk_size, temperature
+        return kl, lse
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_lse):  # (N,) each, or None for an output that was not used
+        s, t, lse, mean_diff = ctx.saved_tensors
+        V, tau = ctx.vocab_size, ctx.temperature
+        grad_kl, grad_lse = (torch.zeros_like(lse) if g is None else g for g in (grad_kl, grad_lse))  # (N,) each
+        grad = torch.zeros_like(s)  # padded columns ≥ V carry no probability and get no gradient
+        with _autocast_off(s.device):
+            for first in range(0, s.shape[0], ctx.chunk_size):
+                rows = slice(first, first + ctx.chunk_size)
+                x, y = s[rows, :V].to(lse.dtype), t[rows, :V].to(lse.dtype)  # (c, V) each
+                shifted = torch.sub(x, lse[rows, None], alpha=tau)  # (c, V): s − τ·lse(u)
+                p = (shifted.div_(tau) if tau != 1 else shifted).exp_()  # (c, V): softmax(u)
+                # ∂/∂s = ∂/∂u / τ = p ⊙ (a (s − t) + b): a = ∂KL·/τ², b = (∂lse − ∂KL·m)/τ, one number a row each
+                a = grad_kl[rows, None] / tau**2  # (c, 1)
+                b = (grad_lse[rows, None] - grad_kl[rows, None] * mean_diff[rows, None]) / tau  # (c, 1)
+                g = torch.sub(x, y).mul_(a).add_(b).mul_(p)  # (c, V)
+                grad[rows, :V] = g.to(s.dtype)
+        return grad, None, None, None, None
 
 
-def needs_teacher(cfg: KDRLConfig) -> bool:
-    return not cfg.sft and (max(cfg.beta, cfg.beta_min or 0.0) > 0 or cfg.trrd_alpha is not None)
-
-
-def uses_exact_kl(cfg: KDRLConfig) -> bool:
-    return cfg.kd_kind == "full" and cfg.kd_mode == "loss" and needs_teacher(cfg)
-
-
-def _score(cfg: KDRLConfig, scorer: Callable, model, rollouts: Rollouts, vocab_size: int, *args):
-    """scorer (token_logprobs or a variant) on the rollouts at the sampling temperature (SFT: τ = 1, plain NLL)."""
-    temperature = 1.0 if cfg.sft else cfg.temperature
-    return scorer(model, rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask, *args,
-                  temperature=temperature, vocab_size=vocab_size, chunk_size=cfg.logprob_chunk)
-
-
-def policy_update(cfg: KDRLConfig, student, teacher, optimizer, *, rollouts: Rollouts, advantages: torch.Tensor,
-                  trained_on: torch.Tensor, beta: float, scores: dict, vocab_size: int, step: int) -> tuple:
-    """Step 5: μ epochs over the batch, each one optimizer step, gradients accumulated over minibatches of whole
-    groups with the full batch's normaliser. Returns the last epoch's grad norm and its (tokens, metrics) parts.
-    trained_on (B,) bool: the correct responses (the KD masks read them), or for SFT the teacher samples kept.
-    The student runs in train mode only when it checkpoints activations (Hugging Face needs it): its dropout is
-    zeroed, so both modes score the policy that sampled."""
-    checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in student.modules())
-    student.train(checkpointing)  # Hugging Face checkpoints activations only in train mode
-    mask = rollouts.response_mask  # (B, T)
-    batch_size, G = mask.shape[0], cfg.group_size
-    minibatch_size = max(G, cfg.minibatch_size // G * G)  # whole groups (the "group" KD mask needs them)
-    num_tokens = (mask & trained_on[:, None]).sum().item() if cfg.sft else mask.sum().item()
-    for _ in range(cfg.mu):
-        optimizer.zero_grad(set_to_none=True)
-        parts = []
-        for first in range(0, batch_size, minibatch_size):
-            mb = slice(first, first + minibatch_size)  # mb: the rows of one minibatch
-            if cfg.sft:  # the SFT baseline: NLL on the kept teacher samples
-                logp = _score(cfg, token_logprobs, student, rollouts[mb], vocab_size)  # (b, T)
-                loss, metrics = sft_loss(logp, mask[mb], trained_on[mb], num_tokens)
-            else:
-                exact_kl = None
-                if scores["teacher_hidden"] is not None:  # kd_kind="full": KL over the vocabulary, chunk by chunk
-                    teacher_side = (teacher.get_output_embeddings(), scores["teacher_hidden"][mb])
-                    logp, exact_kl = _score(cfg, token_logprobs_and_kl, student, rollouts[mb], vocab_size,
-                                            *teacher_side)  # (b, T), (b, T)
-                else:
-                    logp = _score(cfg, token_logprobs, student, rollouts[mb], vocab_size)  # (b, T)
-                old_logp = logp.detach() if scores["old_logp"] is None else scores["old_logp"][mb]  # μ = 1: ρ = 1
-                loss, metrics = kdrl_loss(logp, old_logp, scores["teacher_logp"][mb], advantages[mb], mask[mb],
-                                          trained_on[mb], cfg, beta, exact_kl=exact_kl, num_tokens=num_tokens,
-                                          num_seqs=batch_size)
-            if not torch.isfinite(loss):
-                bad = {name: value for name, value in metrics.items() if not math.isfinite(value)} or "none"
-                raise KDRLError(f"non-finite loss at step {step} (loss={loss.item()}, non-finite metrics: {bad})")
-            loss.backward()
-            parts.append((mask[mb].sum().item(), metrics))
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf")).item()
-        if not math.isfinite(grad_norm):
-            raise KDRLError(f"non-finite gradient at step {step} (grad_norm={grad_norm})")
-        if cfg.sft and num_tokens == 0:  # SFT kept no sample: no step (AdamW's momentum would still move the weights)
-            continue
-        optimizer.step()
-    student.eval()
-    return grad_norm, parts
-
-
-def _sft_samples(cfg: KDRLConfig, correct: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
-    """The teacher samples SFT trains on, (B,) bool: those that ended, and are correct unless sft_keep="all"."""
-    keep = correct if cfg.sft_keep == "correct" else torch.ones_like(correct)
-    return keep & ~rollouts.truncated
-
-
-def _loss_metrics(cfg: KDRLConfig, parts: list) -> dict:
-    """The last epoch's loss metrics over its minibatches' (tokens, metrics) parts. Each *_loss is already its
-    minibatch's share of the batch (full-batch normaliser), so those add up; the other metrics are per-minibatch
-    means, weighted by tokens. No KL metrics when no teacher was scored."""
-    total = sum(tokens for tokens, _ in parts) or 1
-    row = {}
-    for name in parts[0][1]:
-        if name.endswith("_loss"):
-            row[name] = sum(metrics[name] for _, metrics in parts)
-        else:
-            row[name] = sum(tokens * metrics[name] / total for tokens, metrics in parts)
-    if not needs_teacher(cfg):
-        for name in ("kl_k1", "kl_k3", "kd_loss"):
-            row.pop(name, None)
-    return row
-
-
-def _batch_metrics(cfg: KDRLConfig, rollouts: Rollouts, rewards, correct, advantages, trained_on) -> dict:
-    """What the step's batch was: reward, accuracy, length, truncation, tokens; for SFT the fraction of teacher
-    samples trained on, otherwise the fraction of groups whose advantages are all 0 (no policy gradient)."""
-    row = dict(reward=rewards.mean().item(), acc=correct.float().mean().item(),
-               length=rollouts.response_mask.sum(1).float().mean().item(),
-               truncated=rollouts.truncated.float().mean().item(),
-               tokens=rollouts.attention_mask.sum().item())  # non-pad prompt and response tokens
-    if cfg.sft:
-        return dict(row, sft_kept=trained_on.float().mean().item())
-    return dict(row, zero_adv_frac=(advantages.view(-1, cfg.group_size) == 0).all(dim=1).float().mean().item())
+def _logsumexp(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """e = exp((x − max x)/τ), lse = log Σ_v exp(x_v/τ), Z = Σ e per row: (c, V) → (c, V), (c,), (c,). torch.sum is
+    pairwise (torch.log_softmax's float32 CPU kernel sums serially: 2e-5 off at V = 151,936)."""
+    row_max = x.amax(dim=-1, keepdim=True)  # (c, 1)
+    e = torch.sub(x, row_max)  # (c, V)
+    e = (e.div_(temperature) if temperature != 1 else e).exp_()
+    z = e.sum(dim=-1)  # (c,)
+    return e, row_max.squeeze(-1) / temperature + z.log(), z
 
 
 @contextlib.contextmanager

@@ -281,12 +281,13 @@ def _pair_kd_grad(student, teacher, V, L, gamma, baseline, weighted=True, kd_mas
     zeros = torch.zeros(len(rows), dtype=F64)
     correct = tok[rows, 0] == 1  # (2 n²,)
     loss, _ = kdrl.kdrl_loss(logp, logp.detach(), tlogp, zeros, mask[rows], correct, cfg, 1.0, num_seqs=2,
-                             token_weight=pair_prob.expand_as(logp))
+                             sampler_weight=pair_prob.expand_as(logp))
     return _grad(loss, student)
 
 
-# Every kd_mask that validate_config accepts with kd_baseline="loo" (test_fix_math checks the list against kdrl):
-# "group" is refused, because there the baseline is biased (test_fix_math shows it by enumeration).
+# Every kd_mask that validate_config accepts with kd_baseline="loo" (test_loo_enumeration_covers_every_mask_kdrl_
+# accepts_with_loo checks the list against it): "group" is refused, because there the baseline is biased (shown by
+# enumeration in test_loo_baseline_is_refused_exactly_where_it_biases_the_gradient).
 _LOO_MASKS = ("none", "response")
 
 
@@ -317,6 +318,188 @@ def test_leave_one_out_kd_baseline_changes_each_pairs_gradient():
     assert (loo - none).abs().max() > 0.1
     expected_loo = _pair_kd_grad(student, teacher, _FIX_V, _FIX_L, 1.0, "loo")
     _close(expected_loo, _pair_kd_grad(student, teacher, _FIX_V, _FIX_L, 1.0, "none"))
+
+
+def _kdrl_seq(L, **overrides) -> kdrl.KDRLConfig:
+    """The kdrl-seq preset as a user builds it, for a group of G = 2 responses of at most L tokens, β = 1."""
+    return kdrl.KDRLConfig.from_method("kdrl-seq", **{"group_size": 2, "max_new_tokens": L, "beta": 1.0, **overrides})
+
+
+def _accepted(cfg) -> bool:
+    try:
+        train.validate_config(cfg)
+    except kdrl.KDRLError:
+        return False
+    return True
+
+
+def _pairs_expected_grad(student, teacher, V, L, cfg, weighted=True):
+    """Σ over every ordered pair of sequences (one group of G = 2, one batch) of P_i P_j ∇kdrl_loss(pair) under cfg,
+    zero advantages (weighted=False: of ∇kdrl_loss(pair)). Each pair is normalised as a batch of its own: the pair's
+    probability enters as sampler_weight, divided by the pair's token count under token-mean (num_tokens=1). A
+    sequence is "correct" when its first token is 1, so kd_mask="response" depends on the response itself."""
+    tok, ctx, mask, *_ = _tree(V, L)
+    n = tok.shape[0]
+    i, j = (x.reshape(-1) for x in torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij"))
+    rows = torch.stack([i, j], dim=1).reshape(-1)  # (2 n²,): pair k is rows 2k and 2k + 1
+    logp = _token_logp(student, tok[rows], ctx[rows], mask[rows])  # (2 n², L)
+    tlogp = _token_logp(teacher, tok[rows], ctx[rows], mask[rows])  # (2 n², L)
+    P = logp.sum(1).exp().detach()  # (2 n²,)
+    weight = (P[0::2] * P[1::2]).repeat_interleave(2) if weighted else torch.ones_like(P)  # (2 n²,)
+    pair_tokens = mask[rows].sum(1).view(-1, 2).sum(1).repeat_interleave(2)  # (2 n²,)
+    token_mean = cfg.loss_agg == "token-mean"
+    weight = weight / pair_tokens if token_mean else weight
+    loss, _ = kdrl.kdrl_loss(logp, logp.detach(), tlogp, torch.zeros(len(rows), dtype=F64), mask[rows],
+                             tok[rows, 0] == 1, cfg, cfg.beta, num_tokens=1 if token_mean else None, num_seqs=2,
+                             sampler_weight=weight[:, None].expand_as(logp))
+    return _grad(loss, student)
+
+
+def _sequence_kl_grad(student, teacher, V, L):
+    """∇ KL(P ‖ P_T) over whole sequences, P not detached: the sequence-level reverse KL's full gradient."""
+    logp, _ = _seq_batch(student, V, L)
+    tlogp, _ = _seq_batch(teacher, V, L)
+    P, PT = logp.sum(1).exp(), tlogp.sum(1).exp()
+    return _grad((P * (P.log() - PT.log())).sum(), student)
+
+
+@settings(max_examples=8, **_SETTINGS)
+@given(_tables(2))
+@example(_largest_case(2))
+def test_enum_kdrl_seq_preset_is_the_sequence_level_kl_gradient(data):
+    """The kdrl-seq preset itself (its loss_agg, its leave-one-out baseline), G = 2, over every pair of responses of any
+    lengths: L · E[∇loss] is the gradient of the sequence-level reverse KL, to float64 rounding (constant divisor
+    L · 2: E[∇loss] = 2 · ∇KL / (2L))."""
+    V, L, (student, teacher) = data
+    cfg = _kdrl_seq(L)
+    assert _accepted(cfg) and cfg.kd_baseline == "loo"
+    _close(L * _pairs_expected_grad(student, teacher, V, L, cfg), _sequence_kl_grad(student, teacher, V, L))
+
+
+def test_enum_kdrl_seq_every_accepted_aggregation_and_mask(monkeypatch):
+    """Every (loss_agg, kd_mask, kd_baseline) of kd_mode="reward", on a fixed table, over every pair of responses of
+    different lengths, through kdrl_loss: validate_config accepts the leave-one-out baseline exactly where it leaves
+    the expected gradient unchanged (constant divisor, kd_mask "none" or "response"; elsewhere it moves it by more than
+    1e-4), and what the docs say of each accepted one holds: with the constant divisor and no mask, the
+    sequence-level reverse KL's gradient exactly; with token-mean or seq-mean, close to it but biased (cosines 0.998
+    and 0.985 on this table; directions apart by more than 1e-4)."""
+    student, teacher = _fixed(_FIX_STUDENT, grad=True), _fixed(_FIX_TEACHER)
+    V, L = _FIX_V, _FIX_L
+    reference = _sequence_kl_grad(student, teacher, V, L)
+    combos = list(itertools.product(_AGGS, train._CHOICES["kd_mask"], ("none", "loo")))
+    accepted = {combo: _accepted(_kdrl_seq(L, loss_agg=combo[0], kd_mask=combo[1], kd_baseline=combo[2]))
+                for combo in combos}
+    monkeypatch.setattr(kdrl, "leave_one_out_bias", _no_bias)  # so kdrl_loss computes the refused ones too
+    grads = {combo: _pairs_expected_grad(student, teacher, V, L, _kdrl_seq(L, loss_agg=combo[0], kd_mask=combo[1],
+                                                                             kd_baseline=combo[2]))
+             for combo in combos}
+    for agg, kd_mask, baseline in combos:
+        gap = (grads[agg, kd_mask, "loo"] - grads[agg, kd_mask, "none"]).abs().max().item()
+        if baseline == "loo":
+            assert accepted[agg, kd_mask, "loo"] == (agg == "constant" and kd_mask != "group"), (agg, kd_mask)
+            assert gap < 1e-15 if accepted[agg, kd_mask, "loo"] else gap > 1e-4, (agg, kd_mask, gap)
+            continue
+        assert accepted[agg, kd_mask, "none"], (agg, kd_mask)
+        if kd_mask != "none":
+            continue
+        scaled = L * grads[agg, kd_mask, "none"] if agg == "constant" else grads[agg, kd_mask, "none"]
+        if agg == "constant":
+            _close(scaled, reference)
+        else:  # other normalisers: a different scale, and a bias
+            cosine = (scaled * reference).sum() / (scaled.norm() * reference.norm())
+            direction_gap = (scaled / scaled.norm() - reference / reference.norm()).abs().max()
+            assert 0.98 < cosine < 1 - 1e-4 and direction_gap > 1e-4, (agg, cosine.item(), direction_gap.item())
+
+
+def _no_bias(cfg) -> None:
+    """kdrl.leave_one_out_bias switched off, to measure what the refused configurations would compute."""
+    return None
+
+
+def _per_sequence_moments(student, teacher, V, L):
+    """For every sequence: its probability P (n,), its KD return-to-go r (n, L) (γ = 1, 0 past its end) and its
+    score rows S (n, L, D), S[t] = ∇ log π(y_t | y_<t) over the table's D entries (0 past its end)."""
+    tok, ctx, mask, *_ = _tree(V, L)
+    logp = _token_logp(student, tok, ctx, mask)  # (n, L)
+    returns = kdrl.kl_reward_to_go(logp, _token_logp(teacher, tok, ctx, mask), mask, 1.0)  # (n, L)
+    scores = torch.zeros(*mask.shape, student.numel(), dtype=F64)  # (n, L, D)
+    for i, t in mask.nonzero().tolist():
+        scores[i, t] = torch.autograd.grad(logp[i, t], student, retain_graph=True)[0].reshape(-1)
+    return logp.sum(1).exp().detach(), returns, scores
+
+
+def _group_second_moment(P, r, S, G, leave_one_out):
+    """E‖Σ_i g_i‖² in closed form for a group of G independent responses, g_i = Σ_t (r_i[t] − b_i[t]) S_i[t] with
+    b_i the mean of the other G − 1 returns (leave_one_out) or 0. From single-sequence moments only, using
+    E[S[t]] = 0 (the score's expectation) and independence: what test_kdrl checks the loss against, and what gives
+    the second moment at group sizes too large to enumerate."""
+    x = torch.einsum("nl,nld->nd", r, S)  # (n, D): Σ_t r[t] S[t]
+    second = G * (P @ x.pow(2).sum(1)) + G * (G - 1) * (P @ x).pow(2).sum()
+    if not leave_one_out:
+        return second.item()
+    Q = torch.einsum("n,nld,nmd->lm", P, S, S)  # (L, L): E[S Sᵀ]
+    q = torch.einsum("n,nld,nmd,nm->l", P, S, S, r)  # (L,): E[S Sᵀ r]
+    mean_r = P @ r  # (L,)
+    R2 = torch.einsum("n,nl,nm->lm", P, r, r)  # (L, L): E[r rᵀ]
+    W = torch.einsum("n,na,nbd->abd", P, r, S)  # (L, L, D): E[r[a] S[b]]
+    cross = torch.einsum("abd,bad->", W, W)  # E[(S_iᵀ r_k)·(S_kᵀ r_i)], i ≠ k
+    extra = (-2 * q @ mean_r + (torch.trace(Q @ R2) + cross) / (G - 1) + (G - 2) / (G - 1) * mean_r @ Q @ mean_r)
+    return (second + G * extra).item()
+
+
+def _enumerated_second_moment(student, teacher, V, L, G, baseline):
+    """Σ over every G-tuple of sequences of Π P ‖∇kdrl_loss(group)‖², kdrl-seq at a constant divisor of G (so the
+    gradient is Σ_i g_i, as in _group_second_moment)."""
+    tok, ctx, mask, *_ = _tree(V, L)
+    P = _token_logp(student, tok, ctx, mask).sum(1).exp().detach()  # (n,)
+    cfg = _kdrl_seq(1, group_size=G, kd_baseline=baseline)  # max_new_tokens 1: the divisor is G
+    total = 0.0
+    for group in itertools.product(range(len(tok)), repeat=G):
+        rows = torch.tensor(group)
+        logp = _token_logp(student, tok[rows], ctx[rows], mask[rows])  # (G, L)
+        teacher_logp = _token_logp(teacher, tok[rows], ctx[rows], mask[rows])  # (G, L)
+        loss, _ = kdrl.kdrl_loss(logp, logp.detach(), teacher_logp, torch.zeros(G, dtype=F64), mask[rows],
+                                 torch.zeros(G, dtype=torch.bool), cfg, 1.0)
+        total += P[rows].prod() * (G * _grad(loss, student)).pow(2).sum()
+    return total.item()
+
+
+def test_enum_leave_one_out_baseline_variance_exactly():
+    """The baseline exists to lower the variance of kdrl-seq's gradient; whether it does depends on the returns, and
+    this measures it exactly. The second moment of a group's gradient, enumerated over every group of G = 2 and 3
+    responses through kdrl_loss, equals the closed form built from single sequences (so a baseline added instead of
+    subtracted, which leaves every mean alone, fails here). The closed form then gives any G: on a random table the
+    baseline lowers the variance (× 0.58 at G = 2), on the fixed table it raises it at every G from 2 to 64 (× 1.97 at
+    G = 2, × 1.18 at G = 8): its returns-to-go, 0 past each response's end, make a poor per-position baseline."""
+    torch.manual_seed(0)
+    rows = _num_rows(3, 2)
+    random_student = (2 * torch.randn(rows, 3, dtype=F64)).requires_grad_(True)
+    random_teacher = 2 * torch.randn(rows, 3, dtype=F64)
+    fixed_student, fixed_teacher = _fixed(_FIX_STUDENT, grad=True), _fixed(_FIX_TEACHER)
+    cases = [(random_student, random_teacher, 3, 2, 2), (random_student, random_teacher, 3, 2, 3),
+             (fixed_student, fixed_teacher, _FIX_V, _FIX_L, 2)]
+    for student, teacher, V, L, G in cases:
+        moments = _per_sequence_moments(student, teacher, V, L)
+        for baseline in ("none", "loo"):
+            enumerated = _enumerated_second_moment(student, teacher, V, L, G, baseline)
+            closed_form = _group_second_moment(*moments, G, baseline == "loo")
+            assert abs(enumerated - closed_form) <= 1e-12 * closed_form, (G, baseline, enumerated, closed_form)
+
+    def variance_ratio(student, teacher, V, L, G):
+        P, r, S = _per_sequence_moments(student, teacher, V, L)
+        mean_sq = (G * (P @ torch.einsum("nl,nld->nd", r, S))).pow(2).sum().item()  # ‖E Σ g‖², the same for both
+        return (_group_second_moment(P, r, S, G, True) - mean_sq) / (_group_second_moment(P, r, S, G, False) - mean_sq)
+
+    assert variance_ratio(random_student, random_teacher, 3, 2, 2) == pytest.approx(0.579, abs=1e-3)
+    fixed = [variance_ratio(fixed_student, fixed_teacher, _FIX_V, _FIX_L, G) for G in (2, 8, 64)]
+    assert fixed == pytest.approx([1.966, 1.179, 1.062], abs=1e-3)
+    # the returns themselves: each response's KD return minus the other's, position by position
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -1.0]], dtype=F64)
+    teacher_logp = torch.tensor([[-1.5, -1.0], [-1.0, -3.0]], dtype=F64)
+    both = torch.ones(2, 2, dtype=torch.bool)
+    returns = kdrl.kl_reward_to_go(logp, teacher_logp, both, 1.0)  # [[0.5, 1.0], [1.5, -2.0]]
+    expected = torch.stack([returns[0] - returns[1], returns[1] - returns[0]])
+    assert torch.equal(kdrl.kd_reward_returns(logp, teacher_logp, both, both, 1.0, 2, leave_one_out=True), expected)
 
 
 def test_leave_one_out_baseline_is_the_mean_of_the_others():
@@ -707,8 +890,6 @@ def test_beta_schedule():
     expected = {0: 5e-3, 20: 4e-3, 40: 3e-3, 80: 1e-3, 81: 1e-3, 200: 1e-3}
     for step, beta in expected.items():
         assert kdrl.beta_schedule(step, *args) == pytest.approx(beta, rel=1e-14, abs=0)
-    assert kdrl.beta_schedule(0, *args) == 5e-3
-    assert kdrl.beta_schedule(200, *args) == kdrl.beta_schedule(80, *args)
     values = [kdrl.beta_schedule(s, *args) for s in range(100)]
     assert all(x >= y for x, y in itertools.pairwise(values))
 
@@ -794,21 +975,15 @@ def test_trrd_alpha1_is_grpo_exactly(agg, beta):
 @pytest.mark.parametrize("switched, alone", [(False, "kd"), (True, "grpo")])
 def test_kd_then_grpo_phases_are_the_kd_and_grpo_presets(switched, alone):
     """phase_config: before the switch, kd-then-grpo's config is the kd preset's, after it the grpo preset's, in
-    every field but the method's name and switch_step; so its loss (value, gradient) is theirs bit for bit, on a
-    batch where the clip bites, with β as beta_schedule gives it (the loop zeroes the advantages without a reward)."""
-    knobs = dict(group_size=2, max_new_tokens=8, clip_eps_low=0.1, clip_eps_high=0.15)
-    seq = kdrl.KDRLConfig.from_method("kd-then-grpo", switch_step=3, **knobs)
+    every field but the method's name (no switch left in either, so train_step takes it), the knobs carried over;
+    so every function that reads a config computes for a phase exactly what it computes for that preset."""
+    knobs = dict(group_size=2, max_new_tokens=8, clip_eps_low=0.1, clip_eps_high=0.15, lr=3e-4, temperature=0.7)
+    seq = kdrl.KDRLConfig.from_method("kd-then-grpo", switch_step=3, switch_patience=2, **knobs)
     phase, ref = kdrl.phase_config(seq, switched), kdrl.KDRLConfig.from_method(alone, **knobs)
     differ = {f.name for f in dataclasses.fields(ref) if getattr(phase, f.name) != getattr(ref, f.name)}
-    assert differ == {"method", "switch_step"}
-    logp, old, teacher, adv, mask, correct = _batch()
-    adv = adv if ref.use_reward else torch.zeros_like(adv)
-    beta = kdrl.beta_schedule(5, phase.beta, phase.beta_min, phase.beta_decay_steps)
-    got = _call(logp, old, teacher, adv, mask, correct, phase, beta)
-    want = _call(logp, old, teacher, adv, mask, correct, ref, kdrl.beta_schedule(5, ref.beta))
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
-    assert got[2]["clip_frac"] > 0 or not switched
+    assert differ == {"method"} and phase.method == "kd-then-grpo"
     assert kdrl.needs_teacher(phase) is (not switched)
+    assert seq.switch_step == 3  # the caller's config is left alone
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.3, 0.0])
@@ -957,7 +1132,7 @@ def test_minibatch_gradients_add_up(agg, kd, trrd):
 
 def _one_token_expected_grad(student, teacher, sampler, adv, cfg, beta, weighted):
     """Σ_y q(y) ∇kdrl_loss(y) over one-token responses y ~ q = softmax(sampler) (π_old = π: on-policy scoring),
-    each with token_weight π_old(y)/q(y) when weighted."""
+    each with sampler_weight π_old(y)/q(y) when weighted."""
     logp_all = torch.log_softmax(student, 0)
     old_all, teacher_all, logq = logp_all.detach(), torch.log_softmax(teacher, 0), torch.log_softmax(sampler, 0)
     total = 0
@@ -965,7 +1140,7 @@ def _one_token_expected_grad(student, teacher, sampler, adv, cfg, beta, weighted
         weight = (old_all[y] - logq[y]).exp().view(1, 1) if weighted else None
         loss, _ = kdrl.kdrl_loss(logp_all[y].view(1, 1), old_all[y].view(1, 1), teacher_all[y].view(1, 1), adv,
                                  torch.ones(1, 1, dtype=torch.bool), torch.tensor([False]), cfg, beta,
-                                 token_weight=weight)
+                                 sampler_weight=weight)
         total = total + logq[y].exp() * loss
     return _grad(total, student)
 
@@ -973,8 +1148,8 @@ def _one_token_expected_grad(student, teacher, sampler, adv, cfg, beta, weighted
 @settings(max_examples=25, **_SETTINGS)
 @given(st.integers(2, 5), st.sampled_from(["loss", "reward"]), st.sampled_from([None, 0.5]), st.floats(-2, 2),
        st.data())
-def test_token_weight_corrects_another_sampler_for_both_terms(V, kd_mode, trrd, a, data):
-    """One-token responses sampled by another engine q (vLLM) instead of π_old: with token_weight = π_old/q,
+def test_sampler_weight_corrects_another_sampler_for_both_terms(V, kd_mode, trrd, a, data):
+    """One-token responses sampled by another engine q (vLLM) instead of π_old: with sampler_weight = π_old/q,
     Σ_y q(y) ∇loss(y) = Σ_y π_old(y) ∇loss(y) exactly. With advantage 0 in loss mode the whole gradient is the
     KD term's, so the weight reaches the KD term too (TRL's own correction weights the policy term only)."""
 
@@ -991,7 +1166,7 @@ def test_token_weight_corrects_another_sampler_for_both_terms(V, kd_mode, trrd, 
         torch.testing.assert_close(reweighted, on_policy, rtol=1e-10, atol=1e-10 * scale)
 
 
-def test_token_weight_is_needed():
+def test_sampler_weight_is_needed():
     """Sampling from q without the weight gives a clearly different gradient, so the test above is not vacuous."""
     student = torch.tensor([0.5, -1.0, 2.0], dtype=F64, requires_grad=True)
     teacher, sampler = torch.tensor([1.0, 0.0, -1.0], dtype=F64), torch.tensor([-1.0, 1.5, 0.0], dtype=F64)
@@ -1002,12 +1177,12 @@ def test_token_weight_is_needed():
     assert (unweighted - on_policy).abs().max().item() > 1e-2
 
 
-def test_token_weight_none_is_exactly_the_unweighted_loss():
-    """token_weight=None and a weight of ones give the same loss and gradient, bit for bit."""
+def test_sampler_weight_none_is_exactly_the_unweighted_loss():
+    """sampler_weight=None and a weight of ones give the same loss and gradient, bit for bit."""
     logp, old, teacher, adv, mask, correct = _batch()
     for cfg in (_cfg(kd_kind="k2"), _cfg(kd_mode="reward"), _cfg(trrd_alpha=0.5, kd_mask="response")):
         a = _call(logp, old, teacher, adv, mask, correct, cfg, 0.3)
-        b = _call(logp, old, teacher, adv, mask, correct, cfg, 0.3, token_weight=torch.ones_like(logp))
+        b = _call(logp, old, teacher, adv, mask, correct, cfg, 0.3, sampler_weight=torch.ones_like(logp))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -1100,26 +1275,22 @@ def _tiny(kind: str, vocab_size: int, seed: int):
         return LlamaForCausalLM(LlamaConfig(**common)).eval().to(DEVICE)
     return Qwen2ForCausalLM(Qwen2Config(**common)).eval().to(DEVICE)
 
-@pytest.mark.parametrize("switched, alone", [(False, "kd"), (True, "grpo")])
-def test_kd_then_grpo_train_step_is_kd_then_grpo(switched, alone):
-    """One kdrl.train_step of kd-then-grpo's phase (phase_config) and one of the kd or grpo preset, from the same
-    weights, optimizer state and RNG: the same metrics row and the same updated weights, bit for bit."""
+def test_train_step_refuses_a_config_that_still_switches():
+    """A copier who loops over kdrl.train_step with KDRLConfig.from_method("kd-then-grpo") would distil forever,
+    silently: train_step refuses it before sampling, naming phase_config; each phase of it runs."""
     tok = char_tokenizer(CHARS)
     student, teacher = _tiny("llama", len(tok) + 2, 0), _tiny("qwen2", len(tok) + 5, 1)
-    batch = [{"prompt": f"{a}+{a}=", "answer": 2 * a} for a in range(1, 4)]
-    knobs = dict(group_size=4, prompts_per_step=3, max_new_tokens=6, lr=1e-2, mu=2, minibatch_size=4)
-    seq = kdrl.KDRLConfig.from_method("kd-then-grpo", switch_step=1, **knobs)
-    results = []
-    for cfg in (kdrl.phase_config(seq, switched), kdrl.KDRLConfig.from_method(alone, **knobs)):
-        model = copy.deepcopy(student)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-        torch.manual_seed(7)
-        row = kdrl.train_step(cfg, 4, model, teacher, tok, optimizer, batch, kdrl.math_reward)
-        results.append(({k: v for k, v in row.items() if not k.startswith("time_")}, model.state_dict()))
-    (row_a, weights_a), (row_b, weights_b) = results
-    assert row_a == row_b and ("kl_k1" in row_a) is (not switched)
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    assert not all(torch.equal(weights_a[k], v) for k, v in student.state_dict().items())
+    batch = [{"prompt": "1+2=", "answer": 3}]
+    seq = kdrl.KDRLConfig.from_method("kd-then-grpo", group_size=2, prompts_per_step=1, max_new_tokens=4, lr=1e-2)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=seq.lr)
+    before = copy.deepcopy(student.state_dict())
+    with pytest.raises(ValueError, match=r"switches at step 50.*phase_config"):
+        kdrl.train_step(seq, 0, student, teacher, tok, optimizer, batch, kdrl.math_reward)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    for switched in (False, True):
+        row = kdrl.train_step(kdrl.phase_config(seq, switched), 0, student, teacher, tok, optimizer, batch,
+                              kdrl.math_reward)
+        assert ("kl_k1" in row) is (not switched) and row["beta"] == (0.0 if switched else 1.0)
 
 
 def test_test_device_is_validated():
@@ -1414,6 +1585,60 @@ def test_the_update_never_reads_the_samplers_logprobs(mu):
         weights.append(student.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert all(torch.isfinite(v).all() for v in weights[1].values())
+    start = _tiny("llama", 24, 0).state_dict()
+    assert not all(torch.equal(start[k], weights[0][k]) for k in start)  # the update did move the weights
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_the_update_scores_student_and_teacher_at_the_sampling_temperature(mu):
+    """At τ = 0.5, every scoring of the step is of softmax(logits / τ), the distribution that was sampled: the
+    teacher's log-probs (teacher_pass), the old policy's (μ = 2), and the student's inside the loss (its entropy and
+    KL metrics in the first epoch), each against log_softmax(logits / τ); at τ = 1 they would differ by far more."""
+    tok = char_tokenizer(CHARS)
+    V, tau = len(tok), 0.5
+    student, teacher = _tiny("llama", V + 2, 0), _tiny("qwen2", V + 5, 1).requires_grad_(False)
+    ro = _rollouts_for(tok, student, ["12+3=", "7="], group_size=2, max_new_tokens=6, temperature=tau)
+    mask = ro.response_mask
+    with torch.no_grad():
+        student_ref, teacher_ref = (_naive_logprobs(model, ro, V, tau)[mask] for model in (student, teacher))
+        at_one = _naive_logprobs(teacher, ro, V, 1.0)[mask]
+    assert (at_one - teacher_ref).abs().max() > 0.1  # τ matters here
+    cfg = kdrl.KDRLConfig.from_method("kdrl", group_size=2, mu=mu, temperature=tau, max_new_tokens=6, lr=1e-2)
+    scores = kdrl.teacher_pass(cfg, student, teacher, ro, V)
+    torch.testing.assert_close(scores["teacher_logp"][mask], teacher_ref, atol=1e-5, rtol=0)
+    if mu == 2:
+        torch.testing.assert_close(scores["old_logp"][mask], student_ref, atol=1e-5, rtol=0)
+    correct = torch.tensor([True, False, False, True], device=DEVICE)
+    first_epoch = dataclasses.replace(cfg, mu=1)  # its metrics are of the weights before any step
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
+    _, parts = kdrl.policy_update(first_epoch, student, teacher, optimizer, rollouts=ro, trained_on=correct,
+                                  advantages=kdrl.grpo_advantages(correct.double(), 2).float(), beta=cfg.beta,
+                                  scores=scores, vocab_size=V, step=0)
+    metrics = kdrl._loss_metrics(cfg, parts)
+    assert metrics["entropy"] == pytest.approx(-student_ref.mean().item(), abs=1e-5)
+    assert metrics["kl_k1"] == pytest.approx((student_ref - teacher_ref).mean().item(), abs=1e-5)
+
+
+def test_each_epoch_steps_on_its_own_gradient():
+    """μ = 2 is two optimizer steps, each on the gradient of its own epoch: one policy_update at μ = 2 gives, bit for
+    bit, the weights of two μ = 1 updates that score the same old policy (the μ = 2 teacher_pass's old_logp). A
+    gradient left over from the first epoch would leak into the second step."""
+    tok = char_tokenizer(CHARS)
+    teacher = _tiny("qwen2", 32, 1).requires_grad_(False)
+    ro = _rollouts_for(tok, _tiny("llama", 24, 0), ["12+3=", "7="], group_size=2, max_new_tokens=6)
+    correct = torch.tensor([True, False, False, True], device=DEVICE)
+    cfg = kdrl.KDRLConfig.from_method("kdrl", group_size=2, mu=2, lr=1e-2, max_new_tokens=6)
+    scores = kdrl.teacher_pass(cfg, _tiny("llama", 24, 0), teacher, ro, len(tok))
+    weights = []
+    for epochs, config in ((1, cfg), (2, dataclasses.replace(cfg, mu=1))):
+        student = _tiny("llama", 24, 0)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
+        for _ in range(epochs):
+            kdrl.policy_update(config, student, teacher, optimizer, rollouts=ro, trained_on=correct, beta=cfg.beta,
+                               advantages=kdrl.grpo_advantages(correct.double(), 2).float(), scores=scores,
+                               vocab_size=len(tok), step=0)
+        weights.append(student.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
 
 def test_every_end_id_ends_a_response():
     """A model that emits the second end id (listed by its generation_config, not the tokenizer's EOS) stops there,
@@ -1447,7 +1672,8 @@ def test_grpo_advantages_exact_under_power_of_two_scaling(rewards, k, G):
                        kdrl.grpo_advantages(r32, G, eps=0.0))
 
 
-# --- issue 18: the leave-one-out baseline under the KD masks, the exact KL under bf16 autocast ---
+# -----------------------------------------------------------------------------
+# The leave-one-out baseline under the KD masks; the exact KL and the loss under bfloat16 autocast.
 
 
 _U32 = 2.0**-23  # float32 machine epsilon
@@ -1460,7 +1686,7 @@ _U32 = 2.0**-23  # float32 machine epsilon
 def _pair_returns_grad(student, teacher, V, L, kd_mask, leave_one_out, gamma=1.0):
     """Σ over every ordered pair of sequences (G = 2) of P_i P_j ∇(−Σ_t R_t log π_t), with R = kd_reward_returns
     of the pair: the expected policy gradient of the KD return alone (what β·R adds to the advantage, μ = 1).
-    A sequence is correct when its first token is 1, as in test_kdrl's _pair_kd_grad."""
+    A sequence is correct when its first token is 1, as in _pair_kd_grad."""
     tok, ctx, mask, *_ = _tree(V, L)
     n = tok.shape[0]
     i, j = (x.reshape(-1) for x in torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij"))
@@ -1631,16 +1857,19 @@ def test_token_logprobs_kl_teacher_is_float32_exact_under_bf16_autocast():
 
 
 def test_kdrl_loss_and_gradient_under_bf16_autocast_equal_float32():
-    """Given the same float32 inputs, every method's loss, metrics and gradient are bit for bit the same under CPU
-    bfloat16 autocast as without it: no reduction of the loss (the aggregations, the masked means, kdrl-seq's
-    returns and leave-one-out baseline, kdrl-full's exact KL through full_kl) is downcast."""
+    """Given the same float32 inputs, every method's loss, metrics and gradient are bit for bit the same under bfloat16
+    autocast on the test device (CUDA's in the GPU suite) as without it: no reduction of the loss (the aggregations,
+    the masked means, kdrl-seq's returns and baseline, kdrl-full's exact KL) runs in bf16. Autocast downcasts only
+    the ops on its lower-precision list (matmul, mm, bmm, linear, ...) on CPU and CUDA alike, never element-wise ops
+    or sums; so what this can catch is a reduction written as one of those, and the control below shows it would:
+    the same sum as a matmul, under the same autocast, comes out bf16 and off."""
     B, T, V, G = 6, 5, 300, 3
     lengths = torch.tensor([5, 3, 1, 4, 5, 2])
-    mask = torch.arange(T)[None, :] < lengths[:, None]  # (B, T)
-    s_logits, t_logits = _logits(B, T, V, seed=7).float(), _logits(B, T, V, seed=8).float()
-    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(9))
-    advantages = torch.linspace(-1, 1, B)
-    correct = torch.tensor([False, True, False, False, False, False])
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(DEVICE)  # (B, T)
+    s_logits, t_logits = (_logits(B, T, V, seed=seed).float().to(DEVICE) for seed in (7, 8))
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    advantages = torch.linspace(-1, 1, B, device=DEVICE)
+    correct = torch.tensor([False, True, False, False, False, False], device=DEVICE)
     methods = dict(kdrl={}, kdrl_mask=dict(kd_mask="group"), kdrl_seq=dict(kd_baseline="loo"), rlad={},
                    kdrl_full={}, kd={})
     for name, overrides in methods.items():
@@ -1649,19 +1878,21 @@ def test_kdrl_loss_and_gradient_under_bf16_autocast_equal_float32():
         results = []
         for autocast in (False, True):
             s = s_logits.clone().requires_grad_(True)
-            with _bf16_autocast(autocast):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
                 lsm = torch.log_softmax(s, -1)  # (B, T, V)
                 logp = lsm.gather(2, targets[..., None]).squeeze(-1)  # (B, T)
                 teacher_logp = torch.log_softmax(t_logits, -1).gather(2, targets[..., None]).squeeze(-1)  # (B, T)
-                old_logp = logp.detach() + 0.1 * torch.sin(torch.arange(B * T).view(B, T).float())
+                old_logp = logp.detach() + 0.1 * torch.sin(torch.arange(B * T, device=DEVICE).view(B, T).float())
                 exact_kl = kdrl.full_kl(s, t_logits) if cfg.kd_kind == "full" else None  # (B, T)
                 loss, metrics = kdrl.kdrl_loss(logp, old_logp, teacher_logp, advantages, mask, correct, cfg, 0.3,
                                                exact_kl=exact_kl)
                 loss.backward()
+                as_matmul = logp.detach().flatten() @ mask.flatten().float()  # the control: Σ logp as a matmul
             assert loss.dtype == torch.float32
-            results.append((loss.detach(), metrics, s.grad))
-        (loss32, metrics32, grad32), (loss_ac, metrics_ac, grad_ac) = results
+            results.append((loss.detach(), metrics, s.grad, as_matmul))
+        (loss32, metrics32, grad32, sum32), (loss_ac, metrics_ac, grad_ac, sum_ac) = results
         assert torch.equal(loss_ac, loss32), name
         assert metrics_ac == metrics32, name
         assert torch.equal(grad_ac, grad32), name
         assert grad32.abs().max() > 0, name
+        assert sum_ac.dtype == torch.bfloat16 and sum_ac.float() != sum32  # this autocast is live: it would catch it

@@ -4,9 +4,8 @@ metrics.jsonl and the progress line, loading models, tokenizers and data from lo
 
     python train.py --student PATH --teacher PATH --train data.jsonl --method kdrl --steps 100
 
-The loop is `for step: row = kdrl.train_step(...); log(row); evaluate; save`: everything a learner needs to read to
-understand the algorithm is in kdrl.py; this file is what a real run needs around it. Every KDRLConfig field is a
-flag (--kd-kind for kd_kind), with the field's docstring as its help; --method picks a preset from kdrl.METHODS.
+The loop is `for step: row = kdrl.train_step(...); log(row); evaluate; save`: the algorithm is in kdrl.py, this is
+what a real run needs around it. Every KDRLConfig field is a flag (--kd-kind for kd_kind), its docstring the help.
 """
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ import inspect
 import itertools
 import json
 import math
+import numbers
 import pickle
 import random
 import shutil
@@ -34,16 +34,9 @@ from kdrl import METHODS, KDRLConfig, KDRLError
 # Config checks: an invalid config never reaches a step, from Python or from the CLI.
 
 
-_CHOICES = dict(
-    loss_agg=("token-mean", "seq-mean", "constant"),
-    kd_mode=("loss", "reward"),
-    kd_kind=("k1", "k2", "k3", "full"),
-    kd_mask=("none", "response", "group"),
-    sft_keep=("correct", "all"),
-    kd_baseline=("none", "loo"),
-    device=("auto", "cpu", "cuda"),
-    dtype=("auto", "float32", "bfloat16"),
-)
+_CHOICES = dict(loss_agg=("token-mean", "seq-mean", "constant"), kd_mode=("loss", "reward"),
+                kd_kind=("k1", "k2", "k3", "full"), kd_mask=("none", "response", "group"), sft_keep=("correct", "all"),
+                kd_baseline=("none", "loo"), device=("auto", "cpu", "cuda"), dtype=("auto", "float32", "bfloat16"))
 
 
 def validate_config(cfg: KDRLConfig) -> None:
@@ -53,64 +46,56 @@ def validate_config(cfg: KDRLConfig) -> None:
             raise KDRLError(f"config field {name}={getattr(cfg, name)!r}: must be one of {choices}")
     if cfg.method not in METHODS:
         raise KDRLError(f"config field method={cfg.method!r}: must be one of {tuple(METHODS)}")
-    # every float field (an Optional one when set), before the range checks below: inf passes `x >= 0`
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise KDRLError(f"config field {f.name}={value}: must be a finite number")
-    counts = ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "minibatch_size", "logprob_chunk")
-    for name in counts:
-        if getattr(cfg, name) < 1:
-            raise KDRLError(f"config field {name}={getattr(cfg, name)}: must be >= 1")
-    ranges = [  # the floats are finite by now
-        ("beta", cfg.beta >= 0, ">= 0"),
+    for f in dataclasses.fields(cfg):  # before the range checks below: inf passes `x >= 0`, NaN fails nothing
+        _check_number(f.name, getattr(cfg, f.name), f.type)
+    at_least_one = ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "minibatch_size",
+                    "logprob_chunk", "eval_limit")
+    at_least_zero = ("beta", "adv_eps", "weight_decay", "max_grad_norm", "beta_decay_steps", "switch_step",
+                     "switch_patience", "save_every", "eval_every", "log_every")  # 0 turns the last seven off
+    ranges = [(name, getattr(cfg, name) >= 1, ">= 1") for name in at_least_one]
+    ranges += [(name, getattr(cfg, name) >= 0, ">= 0") for name in at_least_zero]
+    ranges += [  # the numbers are finite by now
         ("lr", cfg.lr > 0, "> 0"),
         ("clip_eps_low", 0 <= cfg.clip_eps_low < 1, "in [0, 1)"),
         ("clip_eps_high", 0 <= cfg.clip_eps_high < 1, "in [0, 1)"),
-        ("adv_eps", cfg.adv_eps >= 0, ">= 0"),
         ("trrd_clamp", cfg.trrd_clamp > 0, "> 0 (a clamp at 0 removes the teacher from the ratio)"),
         ("kd_gamma", 0 <= cfg.kd_gamma <= 1, "in [0, 1]"),
-        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-        ("max_grad_norm", cfg.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
-        ("beta_decay_steps", cfg.beta_decay_steps >= 0, ">= 0"),
-        ("switch_step", cfg.switch_step >= 0, ">= 0"),
-        ("switch_patience", cfg.switch_patience >= 0, ">= 0"),
-        ("save_every", cfg.save_every >= 0, ">= 0"),
-        ("eval_every", cfg.eval_every >= 0, ">= 0"),
-        ("eval_limit", cfg.eval_limit >= 1, ">= 1"),
-        ("log_every", cfg.log_every >= 0, ">= 0 (0: no metrics lines beside the progress bar)"),
+        ("beta_min", cfg.beta_min is None or 0 <= cfg.beta_min <= cfg.beta, f"in [0, beta={cfg.beta}] (it decays β)"),
+        ("trrd_alpha", cfg.trrd_alpha is None or 0 <= cfg.trrd_alpha <= 1, "in [0, 1]"),
+        ("temperature", cfg.temperature > 0, "> 0: training samples (greedy decoding is for evaluation)"),
     ]
     for name, ok, rule in ranges:
         if not ok:
             raise KDRLError(f"config field {name}={getattr(cfg, name)}: must be {rule}")
-    if cfg.beta_min is not None and not 0 <= cfg.beta_min <= cfg.beta:
-        raise KDRLError(
-            f"config field beta_min={cfg.beta_min}: must be in [0, beta={cfg.beta}] (annealing decays β)"
-        )
-    if cfg.trrd_alpha is not None and not 0.0 <= cfg.trrd_alpha <= 1.0:
-        raise KDRLError(f"config field trrd_alpha={cfg.trrd_alpha}: must be in [0, 1]")
-    if cfg.temperature <= 0:  # greedy rollouts are identical within a group (A = 0) and are not samples of π
-        raise KDRLError(
-            f"config field temperature={cfg.temperature}: training samples at temperature > 0 "
-            "(greedy decoding is for evaluation)"
-        )
     if cfg.kd_kind == "full" and cfg.kd_mode == "reward":
         raise KDRLError("config field kd_kind='full' needs kd_mode='loss' (reward mode uses the sampled-token k1)")
-    if cfg.kd_mode == "reward" and cfg.kd_baseline == "loo" and cfg.kd_mask == "group":  # see kd_reward_returns
-        raise KDRLError(
-            "config fields kd_baseline='loo', kd_mask='group' (kd_mode='reward'): the leave-one-out baseline would be "
-            "biased, because whether the other responses keep their KD returns depends on whether this response is "
-            "correct, so the baseline depends on this response. Pass kd_baseline='none', or kd_mask 'none' or "
-            "'response'"
-        )
+    if bias := kdrl.leave_one_out_bias(cfg):  # see kd_reward_returns
+        raise KDRLError(f"config fields kd_baseline='loo' (kd_mode='reward') with {bias}. Pass kd_baseline='none', or "
+                        "what the baseline needs: loss_agg='constant' (kdrl-seq's) and kd_mask 'none' or 'response'")
+    if cfg.group_size < 2 and not cfg.sft and (cfg.use_reward or cfg.switch_step):
+        raise KDRLError(f"config field group_size={cfg.group_size}: GRPO's advantage is each reward minus its group's "
+                        "mean, so a group of one gives every advantage exactly 0 and the reward teaches nothing "
+                        "(grpo, KDRL's reward half, rlad); use group_size >= 2, or a method without a reward (kd)")
     if cfg.kd_kind == "full" and max(cfg.beta, cfg.beta_min or 0.0) == 0 and not cfg.sft:
         raise KDRLError("config field kd_kind='full' with beta=0: there is no KD term to compute (use k2, or beta > 0)")
-    conflicts = method_conflicts(cfg)
-    if conflicts:
-        raise KDRLError(
-            "config field " + "; ".join(conflicts) + ". Pick the method that matches, or leave the field at the "
-            f"preset's value (from Python: KDRLConfig.from_method({cfg.method!r}, ...))"
-        )
+    if conflicts := method_conflicts(cfg):
+        raise KDRLError("config field " + "; ".join(conflicts) + ". Pick the method that matches, or leave the field "
+                        f"at the preset's value (from Python: KDRLConfig.from_method({cfg.method!r}, ...))")
+
+
+def _check_number(name: str, value, kind: str) -> None:
+    """A numeric field (kind "int", "float" or "Optional[float]") holds a finite Python number: a NaN or inf of any
+    type (a numpy scalar, a 0-d tensor) is refused as such, and so is any other type (config.json must hold it)."""
+    if kind not in ("int", "float", "Optional[float]") or value is None:
+        return
+    one_number = isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1)
+    real = float(value) if one_number else None
+    if real is not None and not math.isfinite(real):
+        raise KDRLError(f"config field {name}={value}: must be a finite number")
+    wanted = int if kind == "int" else (int, float)
+    if real is None or isinstance(value, bool) or not isinstance(value, wanted):
+        what = "an int" if kind == "int" else "a number (int or float)"
+        raise KDRLError(f"config field {name}={value!r}: must be {what}, not {type(value).__name__}")
 
 
 def method_features(cfg: KDRLConfig) -> dict[str, str]:
@@ -173,15 +158,8 @@ def field_docs(cls) -> dict[str, str]:
 # The loop: for step: kdrl.train_step(...); log; evaluate; save.
 
 
-def train(
-    cfg: KDRLConfig,
-    student,
-    teacher,
-    tokenizer,
-    train_set: list[dict],
-    reward_fn: Callable,
-    eval_set: Optional[list[dict]] = None,
-) -> dict:
+def train(cfg: KDRLConfig, student, teacher, tokenizer, train_set: list[dict], reward_fn: Callable,
+          eval_set: Optional[list[dict]] = None) -> dict:
     """Post-train `student` with cfg.method, one kdrl.train_step per step. Returns a summary: final eval, timings,
     tokens/s. Validates cfg first (validate_config), so an invalid config never reaches a step.
 
@@ -197,7 +175,10 @@ def train(
 
     out_dir, optimizer, start, switch = _start_run(cfg, student, teacher, train_set, eval_set)  # validate, resume
     end_ids = kdrl.end_token_ids(tokenizer, student, teacher)
-    timer, tokens_seen = Timer(), 0
+    timer, tokens_seen, evaluated = Timer(), 0, {}  # evaluated: {step: eval metrics}, the last one only
+    if cfg.switch_step and switch["at"] is None and cfg.steps <= cfg.switch_step:
+        print(f"note: {cfg.method} switches to GRPO at step {cfg.switch_step}, after these {cfg.steps} steps: all KD"
+              + (", unless switch_patience fires first" if cfg.switch_patience else ""), file=sys.stderr)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=not cfg.progress,
                dynamic_ncols=True)
     for step in bar:
@@ -220,19 +201,36 @@ def train(
         # evaluation is not one of its), so that a run stopped and resumed anywhere switches where an unbroken one does
         watching = cfg.switch_patience and switch["at"] is None and (step + 1) % cfg.eval_every == 0
         if (_due(cfg.eval_every, step, cfg.steps) or watching) and eval_set:
-            with timer("eval"):
-                examples = eval_set[: cfg.eval_limit]
-                eval_metrics = _evaluate_aside(student, tokenizer, examples, reward_fn, cfg, end_ids, step)
-            _append_row(out_dir / "metrics.jsonl", dict(step=step, eval=True, **eval_metrics))
+            evaluated = {step: _evaluate_aside(student, tokenizer, eval_set, reward_fn, cfg, end_ids, step, timer)}
+            _append_row(out_dir / "metrics.jsonl", dict(step=step, eval=True, **evaluated[step]))
             if watching:
-                switch["scores"].append(eval_metrics["acc_greedy"])
+                switch["scores"].append(evaluated[step]["acc_greedy"])
                 if stopped_improving(switch["scores"], cfg.switch_patience):
                     switch["at"] = step + 1
         if _due(cfg.save_every, step, cfg.steps):
             save_checkpoint(out_dir, step + 1, student, tokenizer, optimizer, cfg, switch)
     bar.close()
-    return _finish_run(cfg, out_dir, student, tokenizer, optimizer, start, eval_set, reward_fn, end_ids, timer,
-                       tokens_seen, switch)
+    # the end: the final checkpoint and evaluation (the loop's own when it evaluated the last step: the same seed and
+    # model give the same numbers), a note if kd-then-grpo has not switched, the time breakdown and tokens/s
+    summary = dict(switched_at=switch["at"]) if cfg.switch_step else {}
+    if start < cfg.steps:
+        save_checkpoint(out_dir, cfg.steps, student, tokenizer, optimizer, cfg, switch)
+    if cfg.switch_step and (switch["at"] is None or switch["at"] >= cfg.steps):  # said at the start too
+        print(f"note: {cfg.method} has not switched to GRPO in its {cfg.steps} steps: every step was KD (switch_step="
+              f"{cfg.switch_step}; --resume with more --steps to reach it)", file=sys.stderr)
+    if eval_set:
+        last = cfg.steps - 1
+        summary["eval"] = evaluated.get(last) or _evaluate_aside(student, tokenizer, eval_set, reward_fn, cfg, end_ids,
+                                                                 last, timer)
+        _append_row(out_dir / "metrics.jsonl", dict(step=last, eval=True, final=True, **summary["eval"]))
+    busy = sum(timer.get(phase, 0.0) for phase in ("sampling", "teacher", "update"))
+    summary.update(time={phase: round(seconds, 3) for phase, seconds in timer.items()},
+                   tokens_per_s=tokens_seen / busy if busy else 0.0)
+    if start < cfg.steps:
+        phases = " | ".join(f"{name} {timer.get(name, 0):.1f}s" for name in ("sampling", "teacher", "update", "eval"))
+        rate = f"{summary['tokens_per_s']:.0f} tokens/s (non-pad prompt+response tokens per busy second)"
+        print(f"time: {phases} | {rate}")
+    return summary
 
 
 def stopped_improving(scores: list[float], patience: int) -> bool:
@@ -242,21 +240,16 @@ def stopped_improving(scores: list[float], patience: int) -> bool:
 
 
 def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict], eval_set: Optional[list[dict]]) -> tuple:
-    """Validate, seed, prepare both models, build AdamW and, with cfg.resume, restore the checkpoint; then, every
-    check passed, write config.json and start metrics.jsonl (on resume, keeping the rows of the steps already done).
-    Returns (output directory, optimizer, first step, kd-then-grpo's switch state: see load_switch_state)."""
+    """Every check first (the config, and with cfg.resume the checkpoint's), then seed, prepare both models, build
+    AdamW, restore the checkpoint, write config.json and start metrics.jsonl (keeping the steps already done).
+    Returns (output directory, optimizer, first step, kd-then-grpo's switch state: see read_checkpoint)."""
     validate_config(cfg)
     if not train_set:
         raise KDRLError("the training set is empty")
     out_dir = Path(cfg.out)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    student.eval()  # the update must score the policy that sampled
-    teacher.eval()
-    disable_dropout(student)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    switch = dict(at=None, scores=[])  # kd-then-grpo's switch state, restored by load_checkpoint on resume
-    start = load_checkpoint(out_dir / "checkpoint", student, optimizer, cfg, switch) if cfg.resume else 0
+    state = read_checkpoint(out_dir / "checkpoint", cfg) if cfg.resume else None  # refuses a config it cannot resume
+    start = state["step"] if state else 0
+    switch = state["switch"] if state else dict(at=None, scores=[])  # kd-then-grpo's switch state
     if cfg.switch_step and switch["at"] is None and start >= cfg.switch_step:
         switch["at"] = start  # a checkpoint written at the fixed switch: its first step is GRPO's
     if cfg.switch_patience and switch["at"] is None and not (eval_set and cfg.eval_every):
@@ -265,6 +258,16 @@ def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict], eval_se
     if kdrl.uses_exact_kl(cfg):  # before any step, not at the first teacher pass
         for model in (student, teacher):
             kdrl.check_logits_rebuildable(model)
+    # every check passed: only now are the models, the RNG and the files touched
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    student.eval()  # the update must score the policy that sampled
+    teacher.eval()
+    disable_dropout(student)
+    set_activation_checkpointing(student, cfg.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if state:
+        restore_checkpoint(state, student, optimizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     metrics_path = out_dir / "metrics.jsonl"
@@ -273,6 +276,20 @@ def _start_run(cfg: KDRLConfig, student, teacher, train_set: list[dict], eval_se
         kept = [line for line in metrics_path.read_text().splitlines() if _keep_on_resume(json.loads(line), start)]
     metrics_path.write_text("".join(line + "\n" for line in kept))
     return out_dir, optimizer, start, switch
+
+
+def set_activation_checkpointing(model, on: bool) -> None:
+    """cfg.gradient_checkpointing on a Hugging Face model, the same from Python as from the CLI: switched on (or off)
+    unless it already is (activation_checkpointing_* from transformers 5.2x, gradient_checkpointing_* before)."""
+    if on == any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules()):
+        return
+    action = "enable" if on else "disable"
+    names = (f"activation_checkpointing_{action}", f"gradient_checkpointing_{action}")
+    switch = next((getattr(model, name) for name in names if hasattr(model, name)), None)
+    if switch is None:
+        raise KDRLError(f"gradient_checkpointing={on}: the student ({type(model).__name__}) has no "
+                        f"gradient_checkpointing_{action}(); it needs a Hugging Face model")
+    switch()
 
 
 def disable_dropout(model) -> None:
@@ -326,11 +343,8 @@ def _log_step(cfg: KDRLConfig, bar, metrics_path: Path, row: dict) -> None:
 def _step_line(cfg: KDRLConfig, row: dict) -> str:
     """One step as `step 3/100 | reward 0.412 | acc 0.375 | kl 0.0123 | ... | update 0.30s`, nanochat's style."""
     fields = [f"step {row['step'] + 1}/{cfg.steps}", f"reward {row['reward']:.3f}", f"acc {row['acc']:.3f}"]
-    if "kl_k1" in row:
-        fields.append(f"kl {row['kl_k1']:.4f}")
-    for name in ("pg_loss", "kd_loss", "sft_loss"):
-        if name in row:
-            fields.append(f"{name} {row[name]:.4f}")
+    fields += [f"kl {row['kl_k1']:.4f}"] if "kl_k1" in row else []  # no KL when no teacher was scored
+    fields += [f"{name} {row[name]:.4f}" for name in ("pg_loss", "kd_loss", "sft_loss") if name in row]
     fields += [f"len {row['length']:.0f}", f"grad {row['grad_norm']:.3f}", f"beta {row['beta']:.2g}"]
     fields += [f"{phase} {row['time_' + phase]:.2f}s" for phase in ("sampling", "teacher", "update")]
     return " | ".join(fields)
@@ -346,27 +360,6 @@ def _due(every: int, step: int, steps: int) -> bool:
     return bool(every) and (step + 1) % every == 0 and step + 1 < steps
 
 
-def _finish_run(cfg: KDRLConfig, out_dir: Path, student, tokenizer, optimizer, start: int, eval_set, reward_fn,
-                end_ids, timer: "Timer", tokens_seen: int, switch: dict) -> dict:
-    """The final checkpoint and evaluation, then the time breakdown and tokens/s, printed and returned."""
-    summary = {}
-    if start < cfg.steps:
-        save_checkpoint(out_dir, cfg.steps, student, tokenizer, optimizer, cfg, switch)
-    if eval_set:
-        with timer("eval"):
-            examples = eval_set[: cfg.eval_limit]
-            summary["eval"] = _evaluate_aside(student, tokenizer, examples, reward_fn, cfg, end_ids, cfg.steps - 1)
-        _append_row(out_dir / "metrics.jsonl", dict(step=cfg.steps - 1, eval=True, final=True, **summary["eval"]))
-    busy = sum(timer.get(phase, 0.0) for phase in ("sampling", "teacher", "update"))
-    times = {phase: round(seconds, 3) for phase, seconds in timer.items()}
-    summary.update(time=times, tokens_per_s=tokens_seen / busy if busy else 0.0)
-    if start < cfg.steps:
-        phases = " | ".join(f"{name} {timer.get(name, 0):.1f}s" for name in ("sampling", "teacher", "update", "eval"))
-        rate = f"{summary['tokens_per_s']:.0f} tokens/s (non-pad prompt+response tokens per busy second)"
-        print(f"time: {phases} | {rate}")
-    return summary
-
-
 class Timer(dict):
     """Accumulated wall time per phase: `with timer("eval"): ...` (kdrl.timed: CUDA synchronised)."""
 
@@ -379,15 +372,8 @@ class Timer(dict):
 
 
 @torch.no_grad()
-def evaluate(
-    model,
-    tokenizer,
-    examples: list[dict],
-    reward_fn: Callable,
-    cfg: KDRLConfig,
-    batch_size: int = 64,
-    end_ids: Optional[list[int]] = None,
-) -> dict:
+def evaluate(model, tokenizer, examples: list[dict], reward_fn: Callable, cfg: KDRLConfig, batch_size: int = 64,
+             end_ids: Optional[list[int]] = None) -> dict:
     """Greedy accuracy, sampled accuracy (one sample at cfg.temperature), mean response length, truncated fraction.
     end_ids: the ids that end a response (default end_token_ids(tokenizer, model))."""
     results = dict(greedy=[], sampled=[], length=[], truncated=[])
@@ -402,57 +388,52 @@ def evaluate(
             if name == "greedy":
                 results["length"] += rollouts.response_mask.sum(1).tolist()
                 results["truncated"] += rollouts.truncated.tolist()
-    return dict(
-        acc_greedy=_mean(results["greedy"]),
-        acc_sampled=_mean(results["sampled"]),
-        length=_mean(results["length"]),
-        truncated=_mean(results["truncated"]),
-    )
+    means = {name: sum(map(float, values)) / max(len(values), 1) for name, values in results.items()}
+    return dict(acc_greedy=means["greedy"], acc_sampled=means["sampled"], length=means["length"],
+                truncated=means["truncated"])
 
 
-def _mean(values: list) -> float:
-    return sum(map(float, values)) / max(len(values), 1)
-
-
-def _evaluate_aside(model, tokenizer, examples, reward_fn, cfg: KDRLConfig, end_ids, step: int) -> dict:
-    """evaluate() on its own seeded RNG stream (seed, step), restored afterwards: evaluating, or not, never
-    changes what training samples next, so a run resumed with another eval_every continues exactly.
+def _evaluate_aside(model, tokenizer, eval_set, reward_fn, cfg: KDRLConfig, end_ids, step: int, timer) -> dict:
+    """evaluate() on eval_set[:eval_limit] on its own seeded RNG stream (seed, step), restored afterwards: evaluating,
+    or not, never changes what training samples next, so a run resumed with another eval_every continues exactly.
     It runs under the same autocast as training's sampling, so the accuracy is that of the policy as it samples."""
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), kdrl.autocast_for(cfg.dtype, device):
+    with timer("eval"), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed * 100_003 + step + 1)
-        return evaluate(model, tokenizer, examples, reward_fn, cfg, end_ids=end_ids)
+        with kdrl.autocast_for(cfg.dtype, device):
+            return evaluate(model, tokenizer, eval_set[: cfg.eval_limit], reward_fn, cfg, end_ids=end_ids)
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints and resume: written atomically, refused when the config would change the maths.
 
 
-def _rng_state() -> dict:
-    state = dict(torch=torch.get_rng_state(), python=random.getstate())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _rng_state(device: torch.device) -> dict:
+    """The RNG states a resumed run needs: CPU and Python always, CUDA's for a run on CUDA, and the device."""
+    cuda = dict(cuda=torch.cuda.get_rng_state_all()) if device.type == "cuda" else {}
+    return dict(torch=torch.get_rng_state(), python=random.getstate(), device=device.type, **cuda)
 
 
 def _set_rng_state(state: dict, device: torch.device) -> Optional[str]:
-    """Restore the RNG states saved by _rng_state, as far as this machine allows; returns what could not be
-    restored (None if nothing). The CPU and Python states always are. CUDA: one state per device at save time;
-    with fewer visible now, the first ones are restored (a single-GPU run draws on device 0 alone)."""
+    """Restore the RNG states saved by _rng_state, as far as this machine allows; returns what could not be, or
+    None. The CPU and Python states always are. A run on CUDA restores one state per device saved, the first ones
+    when fewer are visible (a single-GPU run draws on device 0 alone). A run that trained on another device (older
+    checkpoints do not say) is named: it continues, but not bit for bit."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    trained_on = state.get("device", device.type)
+    moved = f"the run trained on {trained_on} resumes on {device.type}" if trained_on != device.type else None
+    if device.type != "cuda":
+        return moved  # a CPU run draws on the CPU generator alone
     saved = state.get("cuda", [])
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = torch.cuda.device_count()
     for index, device_state in enumerate(saved[:visible]):
         torch.cuda.set_rng_state(device_state, index)
-    what = f"the checkpoint's CUDA RNG state ({len(saved)} device{'s' if len(saved) != 1 else ''})"
-    if visible == 0 and saved:
-        return f"{what} was not restored: no CUDA device is visible"
     if visible < len(saved):
-        return f"{what} was restored for the first {visible} only: {visible} visible now"
-    if device.type == "cuda" and not saved:
-        return "the checkpoint holds no CUDA RNG state (written without CUDA): CUDA draws restart from the seed"
-    return None
+        return f"the checkpoint's CUDA RNG state ({len(saved)} devices) was restored for the first {visible} only"
+    if not saved:
+        return f"{moved or 'the checkpoint holds no CUDA RNG state'}: CUDA draws restart from the seed"
+    return moved
 
 
 def save_checkpoint(out_dir: Path, step: int, student, tokenizer, optimizer, cfg: KDRLConfig,
@@ -467,8 +448,8 @@ def save_checkpoint(out_dir: Path, step: int, student, tokenizer, optimizer, cfg
     student.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "kdrl_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    switch = switch or dict(at=None, scores=[])
-    torch.save(dict(step=step, optimizer=optimizer.state_dict(), rng=_rng_state(), switch=switch),
+    rng = _rng_state(next(student.parameters()).device)
+    torch.save(dict(step=step, optimizer=optimizer.state_dict(), rng=rng, switch=switch or dict(at=None, scores=[])),
                tmp / "trainer_state.pt")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -478,20 +459,20 @@ def save_checkpoint(out_dir: Path, step: int, student, tokenizer, optimizer, cfg
     return final
 
 
-# Fields that may change on --resume: they decide how long, where and how visibly the run goes, or only bound
-# memory, never the math of a step. Any other difference (method, β, estimator, G, lr, seed, data...) is refused.
-# (device and dtype change the floating-point arithmetic: a resume is bit-exact only on the same ones.)
-RESUME_MAY_CHANGE = (
-    "steps", "resume", "progress", "log_every", "out", "eval", "eval_every", "eval_limit", "save_every", "device",
-    "dtype", "gradient_checkpointing", "minibatch_size", "logprob_chunk",
-)
+# Fields that may change on --resume, which never change the maths of a step. The first kind decides how long, where
+# and how visibly the run goes: the resumed run equals the unbroken one bit for bit (same machine and device). The
+# second computes the same maths in another floating-point order (another summation order, kernel or precision):
+# the run continues, a note says it is not bit for bit. Any other difference (method, β, G, lr, seed...) is refused.
+RESUME_BIT_EXACT = ("steps", "resume", "progress", "log_every", "out", "eval", "eval_every", "eval_limit", "save_every")
+RESUME_OTHER_ROUNDING = ("device", "dtype", "gradient_checkpointing", "minibatch_size", "logprob_chunk")
 
 
-def check_resume_config(saved: dict, cfg: KDRLConfig, path: Path, step: int) -> None:
-    """Refuse to resume a checkpoint (config `saved`, at `step`) under a config that changes the run's math."""
+def check_resume_config(saved: dict, cfg: KDRLConfig, path: Path, step: int) -> list[str]:
+    """Refuse to resume a checkpoint (config `saved`, at `step`) under a config that changes the run's math; returns
+    the RESUME_OTHER_ROUNDING fields that changed, as "name (old → new)"."""
     diffs = []
     for f in dataclasses.fields(KDRLConfig):
-        if f.name in RESUME_MAY_CHANGE:
+        if f.name in RESUME_BIT_EXACT + RESUME_OTHER_ROUNDING:
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.name not in saved:  # written by an older kdrl, before this field (and its default) existed
@@ -506,18 +487,18 @@ def check_resume_config(saved: dict, cfg: KDRLConfig, path: Path, step: int) -> 
         )
     if cfg.steps < step:
         raise KDRLError(f"--resume: steps={cfg.steps} is below the checkpoint's step {step} ({path}); it may only grow")
+    return [f"{name} ({saved.get(name)!r} → {getattr(cfg, name)!r})" for name in RESUME_OTHER_ROUNDING
+            if saved.get(name) != getattr(cfg, name)]
 
 
-def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = None,
-                    switch: Optional[dict] = None) -> int:
-    """Restore the student's weights, the optimizer and the RNG from a checkpoint; returns its step.
-    Falls back to the previous one if a save was interrupted between its two renames. With cfg, first refuses
-    a config that differs from the checkpoint's in anything but RESUME_MAY_CHANGE. Nothing in the folder is
-    unpickled as code: trainer_state.pt loads with weights_only=True, the weights from safetensors.
-    A checkpoint resumes on another device (GPU to CPU and back, fewer GPUs): what cannot be restored (part of the
-    RNG state) is named in a note on stderr, and such a resume continues the run but not bit for bit.
-    switch: a dict to fill with kd-then-grpo's switch state (see load_switch_state)."""
-    path = _saved_checkpoint(path)
+def read_checkpoint(path: Path, cfg: Optional[KDRLConfig] = None) -> dict:
+    """A checkpoint's trainer state {"step", "switch", "optimizer", "rng", "path", "rounding"}, read without touching
+    any model; with cfg, first refusing a config that differs from the checkpoint's in anything but the RESUME_*
+    fields ("rounding": the RESUME_OTHER_ROUNDING ones that changed). Falls back to the previous checkpoint if a save
+    was interrupted between its two renames. Nothing is unpickled as code: weights_only=True. "switch": kd-then-grpo's
+    {"at": the first GRPO step, or None before the switch, "scores": the eval accuracies the patience rule read}."""
+    if not (path / "trainer_state.pt").exists() and (path.parent / ".checkpoint.old" / "trainer_state.pt").exists():
+        path = path.parent / ".checkpoint.old"
     if not (path / "trainer_state.pt").exists():
         raise KDRLError(f"--resume: no checkpoint at {path} (missing trainer_state.pt)")
     try:
@@ -526,45 +507,28 @@ def load_checkpoint(path: Path, student, optimizer, cfg: Optional[KDRLConfig] = 
         saved_cfg = json.loads((path / "kdrl_config.json").read_text())
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         raise KDRLError(f"--resume: cannot read the checkpoint in {path} ({type(e).__name__}: {e})") from None
-    saved_switch = state.get("switch", dict(at=None, scores=[]))  # (older checkpoints have none: not switched)
+    state = dict(state, path=path, rounding=[], switch=state.get("switch", dict(at=None, scores=[])))
     if cfg is not None:
-        check_resume_config(saved_cfg, cfg, path, state["step"])
-        if cfg.switch_patience and saved_switch["at"] is None and state["step"] < cfg.switch_step:
-            check_patience_evals(saved_cfg, cfg, path)
-    if switch is not None:
-        switch.update(saved_switch)
-    saved = type(student).from_pretrained(path, dtype=next(student.parameters()).dtype)
+        state["rounding"] = check_resume_config(saved_cfg, cfg, path, state["step"])
+        steering = [f"{name} (checkpoint {saved_cfg.get(name)!r}, now {getattr(cfg, name)!r})"
+                    for name in ("eval", "eval_every", "eval_limit") if saved_cfg.get(name) != getattr(cfg, name)]
+        if steering and cfg.switch_patience and state["switch"]["at"] is None and state["step"] < cfg.switch_step:
+            raise KDRLError(f"--resume: {path} has not switched yet and switch_patience decides when from its "
+                            "evaluations, so they must not change: " + "; ".join(steering))
+    return state
+
+
+def restore_checkpoint(state: dict, student, optimizer) -> None:
+    """Load read_checkpoint's state into the student, the optimizer and the RNG. A resume that cannot be bit for bit
+    (another device, a RESUME_OTHER_ROUNDING field changed) says so in a note on stderr."""
+    saved = type(student).from_pretrained(state["path"], dtype=next(student.parameters()).dtype)
     student.load_state_dict(saved.state_dict())
     optimizer.load_state_dict(state["optimizer"])
-    lost = _set_rng_state(state["rng"], next(student.parameters()).device)
-    if lost:
+    if lost := _set_rng_state(state["rng"], next(student.parameters()).device):
         print(f"note: --resume: {lost}; resuming across devices is not bit-exact", file=sys.stderr)
-    return state["step"]
-
-
-def _saved_checkpoint(path: Path) -> Path:
-    """path, or the previous checkpoint beside it when a save was interrupted between its two renames."""
-    if not (path / "trainer_state.pt").exists() and (path.parent / ".checkpoint.old" / "trainer_state.pt").exists():
-        return path.parent / ".checkpoint.old"
-    return path
-
-
-def load_switch_state(path: Path) -> dict:
-    """kd-then-grpo's switch state in a checkpoint, for a caller outside train() (the demo, between segments):
-    {"at": the first GRPO step, or None before the switch, "scores": the eval accuracies the patience rule read}.
-    train() gets it from load_checkpoint(switch=...), which reads the file once."""
-    state = torch.load(_saved_checkpoint(path) / "trainer_state.pt", map_location="cpu", weights_only=True)
-    return state.get("switch", dict(at=None, scores=[]))
-
-
-def check_patience_evals(saved: dict, cfg: KDRLConfig, path: Path) -> None:
-    """Before its switch, a kd-then-grpo run with switch_patience is steered by its evaluations: refuse a resume
-    that would change them (eval, eval_every, eval_limit may change on any other resume)."""
-    diffs = [f"{name} (checkpoint {saved.get(name)!r}, now {getattr(cfg, name)!r})"
-             for name in ("eval", "eval_every", "eval_limit") if saved.get(name) != getattr(cfg, name)]
-    if diffs:
-        raise KDRLError(f"--resume: {path} has not switched yet and switch_patience decides when from its evaluations, "
-                        f"so they must not change: " + "; ".join(diffs))
+    if state["rounding"]:
+        print(f"note: --resume with another {', '.join(state['rounding'])}: the same maths in another floating-point "
+              "order, so the run continues but not bit for bit", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -632,29 +596,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_dir(path: str, role: str) -> None:
+def _from_local(auto_class, path: str, role: str, what: str, **kwargs):
+    """auto_class.from_pretrained(path) from a local directory only; errors name the flag (--role) and the path."""
     if not Path(path).is_dir():
         raise KDRLError(f"--{role} {path}: no such directory (models load from local paths only)")
+    try:
+        return auto_class.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise KDRLError(f"--{role} {path}: cannot load {what} ({e})") from None
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype, role: str):
     from transformers import AutoModelForCausalLM
 
-    _check_dir(path, role)
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
-    except (OSError, ValueError) as e:
-        raise KDRLError(f"--{role} {path}: cannot load a causal LM ({e})") from None
+    return _from_local(AutoModelForCausalLM, path, role, "a causal LM", dtype=dtype).to(device)
 
 
 def load_tokenizer(path: str, role: str):
     from transformers import AutoTokenizer
 
-    _check_dir(path, role)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise KDRLError(f"--{role} {path}: cannot load a tokenizer ({e})") from None
+    tok = _from_local(AutoTokenizer, path, role, "a tokenizer")
     if tok.eos_token_id is None:
         raise KDRLError(f"--{role} {path}: the tokenizer has no EOS token, so responses could never end")
     tok.padding_side = "left"
@@ -725,9 +686,6 @@ def main(argv=None) -> int:
         teacher = load_model(cfg.teacher, device, teacher_dtype, "teacher").requires_grad_(False)
         for ex_set, src in ((train_set, cfg.train), (eval_set or [], cfg.eval)):
             check_prompt_lengths(tokenizer, student, ex_set, cfg.max_new_tokens, src)
-        if cfg.gradient_checkpointing:  # renamed in transformers 5.2x; the old name still works on older 5.x
-            enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
-            enable()
         summary = train(cfg, student, teacher, tokenizer, train_set, kdrl.math_reward, eval_set)
     except KDRLError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -445,11 +445,12 @@ def run_arm(arm, p, seed, student0, teacher, tok, data, start: dict, out: Path) 
     curve = [dict(step=0, wall_s=0.0, **start)]
     ends = sorted({max(1, round(cfg.steps * (i + 1) / p.eval_points)) for i in range(p.eval_points)})
     for segment, end in enumerate(ends):
-        switched = segment > 0 and train.load_switch_state(Path(cfg.out) / "checkpoint")["at"] is not None
+        switched = segment > 0 and train.read_checkpoint(Path(cfg.out) / "checkpoint")["switch"]["at"] is not None
         eval_set = data["val"] if cfg.switch_patience and not switched else None
         t0 = time.time()
         segment_cfg = replace(cfg, steps=end, resume=segment > 0)
-        with contextlib.redirect_stdout(io.StringIO()):  # train.train's own time line, once per segment
+        quiet = io.StringIO()  # train.train's own time line and notes (kd-then-grpo not switched yet), per segment
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             summary = train.train(segment_cfg, student, teacher, tok, data["train"], kdrl.math_reward, eval_set)
         validation = summary["time"].get("eval", 0.0)  # kd-then-grpo's evaluations for its switch
         wall += time.time() - t0 - validation

@@ -22,7 +22,7 @@ kdrl.score_completions, and the log-probs from kdrl.head_logprobs. What this fil
 - advantages and KD masks computed on the whole gathered batch, before TRL shuffles it across micro-batches, so
   a group split across processes or micro-batches is still a group (kd_mask="group" needs whole groups);
 - vLLM: TRL's importance-sampling correction w = π_old/π_vLLM (truncated or masked as vllm_importance_sampling_mode
-  says) is kept for the policy term and applied to the KD term too, through kdrl_loss's token_weight. The KD
+  says) is kept for the policy term and applied to the KD term too, through kdrl_loss's sampler_weight. The KD
   term's own weight π/π_old times w is then π/π_vLLM: the sampler's tokens, reweighted to the current policy, so
   the KD gradient is again the on-policy one. (TRL applies its correction to the policy term only.) vLLM samples
   from every logit column, so a student whose head is wider than its tokenizer is refused with --use-vllm (TRL's
@@ -210,7 +210,7 @@ class KDRLTrainer(GRPOTrainer):
         B, T = input_ids.shape[0], logits_to_keep
         P = input_ids.shape[1] - T
         # Without grad (teacher, old policy), rows run in buckets of similar length, each trimmed to its longest
-        # completion (kdrl._length_buckets: exact, attention is causal). With grad, one forward per micro-batch, as
+        # completion (as kdrl._response_states: exact, attention is causal). With grad, one forward per micro-batch, as
         # DDP expects; sharded models (ZeRO-3, FSDP) also keep one, since each forward gathers the parameters.
         sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
         buckets = 1 if torch.is_grad_enabled() or sharded else 4
@@ -219,7 +219,8 @@ class KDRLTrainer(GRPOTrainer):
         logp = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
         for start in range(0, B, batch_size):
             rows = torch.arange(start, min(start + batch_size, B), device=input_ids.device)
-            for idx in kdrl._length_buckets(lengths[rows], buckets) if buckets > 1 else [torch.arange(len(rows))]:
+            by_length = lengths[rows].argsort(descending=True, stable=True)  # (b,) rows, longest completion first
+            for idx in by_length.chunk(buckets) if buckets > 1 else [torch.arange(len(rows))]:
                 idx = rows[idx.to(rows.device)]
                 L = int(lengths[idx].max()) if buckets > 1 and len(idx) else T  # this bucket's longest completion
                 if L == 0:
@@ -287,7 +288,7 @@ class KDRLTrainer(GRPOTrainer):
             logp, old_logp, inputs["teacher_logps"], inputs["advantages"], mask, ~inputs["kd_keep"], cfg, beta,
             num_tokens=inputs["num_items_in_batch"].item() / processes,
             num_seqs=inputs["num_seqs"].item() / processes,
-            token_weight=inputs.get("importance_sampling_ratio"),  # vLLM: π_old / π_vLLM, for both terms
+            sampler_weight=inputs.get("importance_sampling_ratio"),  # vLLM: π_old / π_vLLM, for both terms
         )
         if not torch.isfinite(loss):
             raise kdrl.KDRLError(f"non-finite loss at optimizer step {self.state.global_step} (loss={loss.item()})")
