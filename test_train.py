@@ -18,6 +18,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import types
@@ -244,27 +245,24 @@ def test_data_order_is_a_pure_function_of_seed_and_step():
     assert batches[0] == train.batch_for_step(10, 0, 5, seed=1) != train.batch_for_step(10, 0, 5, seed=2)
 
 def test_demo_smoke_runs_every_arm(tmp_path):
-    """`train_tiny.py --preset smoke` runs every METHODS preset and β-grid arm and writes the table, the JSON, the
-    curves and one metrics.jsonl per run. No accuracy is asserted: the smoke preset checks the plumbing only."""
-    import train_tiny
-
-    result = train_tiny.main(["--preset", "smoke", "--out", str(tmp_path), "--device", DEVICE])
-    arms = [*kdrl.METHODS, *train_tiny.BETA_ARMS]
+    """`train_tiny.py --preset smoke --methods all` runs every METHODS preset and writes the table, the
+    preregistered section, the JSON, the curves and one metrics.jsonl per run. No accuracy is asserted: the smoke
+    preset checks the plumbing only (and its positive control fails, which the report must say)."""
+    result = train_tiny.main(["--preset", "smoke", "--out", str(tmp_path), "--device", DEVICE, "--methods", "all"])
+    arms = list(kdrl.METHODS)
     assert {r["method"] for r in result["rows"]} == {"teacher", "student (start)", *arms}
-    table = (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
     for name in ("teacher", "student (start)", *arms):
-        assert f"| {name} | 1 |" in table
+        assert f"| {name} | 1 |" in report
+    assert report.count("| P") == 4 and "no power (the control failed)" in report and not result["control"]["passed"]
     assert (tmp_path / "curves.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["preset"] == "smoke" and len(saved["rows"]) == 2 + len(arms) and saved["device"] == DEVICE
     for m in arms:
         assert len(_steps(tmp_path / f"{m}-seed0")) == train_tiny.PRESETS["smoke"].rl["steps"]
-    betas = {r["beta"] for r in result["rows"] if r["method"] in train_tiny.BETA_ARMS}
-    assert betas == set(train_tiny.BETA_ARMS.values())
     phases = [r["phase"] for r in _steps(tmp_path / "kd-then-grpo-seed0")]  # KD, then GRPO from its switch on
     switch = next(r["switch_step"] for r in result["rows"] if r["method"] == "kd-then-grpo")
     assert phases == ["kd"] * switch + ["grpo"] * (len(phases) - switch) and 0 < switch < len(phases)
-    assert "| kd-then-grpo | 1 |" in table.split("Sample efficiency")[1]  # the second table has every arm too
 
 def test_demo_runs_fewer_steps_than_curve_points(tmp_path):
     """--steps below the preset's number of curve evaluations still runs (each segment at least one step)."""
@@ -281,29 +279,20 @@ def test_demo_refuses_counts_below_one(tmp_path, capsys):
         assert f"{flag} 0: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
-def test_sample_efficiency_measures_against_hand_computed_values():
-    """crossing interpolates linearly between the two evaluations around the first crossing (in steps or seconds),
-    is the start when the start is already there and None when never; area is the trapezoid mean over the run."""
-    curve = [dict(step=0, wall_s=0.0, id_A=0.2), dict(step=10, wall_s=4.0, id_A=0.25),
-             dict(step=20, wall_s=6.0, id_A=0.35), dict(step=30, wall_s=9.0, id_A=0.31)]
-    assert train_tiny.crossing(curve, "id_A", 0.3) == pytest.approx(15.0)
-    assert train_tiny.crossing(curve, "id_A", 0.3, x="wall_s") == pytest.approx(5.0)
-    assert train_tiny.crossing(curve, "id_A", 0.2) == 0 and train_tiny.crossing(curve, "id_A", 0.4) is None
-    assert train_tiny.area(curve, "id_A") == pytest.approx((2.25 + 3.0 + 3.3) / 30)
-    row = train_tiny.add_efficiency(dict(curve=curve), 0.4)  # never reached: capped at the run's budget
-    assert (row["a_steps"], row["a_steps_capped"], row["a_wall_capped"]) == (None, 30, 9.0)
-    assert row["a_area"] == pytest.approx((2.25 + 3.0 + 3.3) / 30)
+def test_area_under_the_curve_against_hand_computed_values():
+    """area: the trapezoid mean of the curve over the run's steps."""
+    curve = [dict(step=0, acc=0.2), dict(step=10, acc=0.25), dict(step=20, acc=0.35), dict(step=30, acc=0.31)]
+    assert train_tiny.area(curve, "acc") == pytest.approx((2.25 + 3.0 + 3.3) / 30)
+    assert train_tiny.area(curve[:2], "acc") == pytest.approx(0.225)
 
 def test_demo_is_deterministic_on_one_machine(tmp_path):
     """The README's reproducibility claim, and no more: the same command on the same machine (same torch, same thread
     count; on a GPU, deterministic kernels, as this module sets) gives the same numbers; wall times aside. Across
     machines BLAS kernels differ, which it does not claim."""
-    import train_tiny
-
     def numbers(out):
         result = train_tiny.main(["--preset", "smoke", "--out", str(out), "--methods", "grpo,kdrl,sft", "--device",
                                   DEVICE])
-        drop = ("wall_s", "eval_s", "cpu_s", "a_wall", "a_wall_capped")  # seconds, and seconds to the A threshold
+        drop = ("wall_s", "eval_s")
         rows = [{k: (v if k != "curve" else [{c: x for c, x in point.items() if c not in drop} for point in v])
                  for k, v in row.items() if k not in drop} for row in result["rows"]]
         return rows, [_steps(out / f"{m}-seed0") for m in ("grpo", "kdrl", "sft")]  # losses, KL, rewards per step
@@ -313,30 +302,84 @@ def test_demo_is_deterministic_on_one_machine(tmp_path):
     assert steps_a == steps_b and all(math.isfinite(r["pg_loss"]) for r in steps_a[0])
 
 def test_demo_splits_are_disjoint_and_the_teacher_data_has_its_designed_bug():
-    """Train / val / test / OOD are disjoint; OOD is every equal-tens problem (900); the teacher's solutions
-    differ from the correct ones exactly in region B (both units digits ≥ 5), where they answer a + b − 10 with
-    working that is consistent with that answer; OOD problems with a carry are the ones that need an unseen step."""
-    import train_tiny
-
+    """Train / val / test / OOD are disjoint and cover every 2-digit problem; OOD is every equal-tens problem (900).
+    The teacher's solutions differ from the correct ones exactly in region B (both tens digits ≥ 5), where they drop
+    the hundreds digit of the answer and nothing else, so its carries are right everywhere; OOD problems with a carry
+    are the ones that need a step never seen in training."""
     p = train_tiny.PRESETS["cpu"]
     data = train_tiny.make_splits(p)
     keys = {name: {ex["prompt"] for ex in rows} for name, rows in data.items()}
     assert [len(keys[k]) for k in ("train", "val", "test", "ood")] == [p.n_train, p.n_val, p.n_test, 900]
+    assert sum(map(len, keys.values())) == 90 * 90
     assert all(not (keys[x] & keys[y]) for x, y in itertools.combinations(keys, 2))
     tens_steps = set()
     for ex in data["train"]:
         a, b = map(int, ex["prompt"][:-1].split("+"))
         assert ex["solution"].endswith(f"#### {a + b}")
-        bug = a % 10 >= 5 and b % 10 >= 5
+        bug = a // 10 >= 5 and b // 10 >= 5
         assert (ex["region"] == "B") == bug and (ex["teacher_solution"] != ex["solution"]) == bug
-        assert int(ex["teacher_answer"]) == a + b - 10 * bug
+        assert int(ex["teacher_answer"]) == a + b - 100 * bug and ex["carry"] == (a % 10 + b % 10 >= 10)
+        assert ex["teacher_solution"].split("####")[0] == ex["solution"].split("####")[0]  # the working is right
         assert kdrl.math_reward(ex["prompt"], ex["teacher_solution"], ex) == float(not bug)
         tens_steps.add(ex["solution"].split("|")[1])
     steps_anywhere = {step for ex in data["train"] for step in ex["solution"].split("|")[:-1]}
     for ex in data["ood"]:
         tens = ex["solution"].split("|")[1]
         assert tens not in tens_steps and (tens in steps_anywhere) == (not ex["carry"])
-    assert sum(ex["region"] == "B" for ex in data["test"]) / p.n_test == pytest.approx(0.25, abs=0.04)
+    assert sum(ex["region"] == "B" for ex in data["test"]) / p.n_test == pytest.approx(2000 / 7200, abs=0.02)
+    pops = train_tiny.populations(data["test"])
+    assert sum(map(len, pops.values())) == p.n_test and all(ex["carry"] for ex in pops["carry"])
+
+def test_paired_test_holm_and_power_against_hand_computed_values():
+    """The preregistered test: t on n − 1 df (a hand-computed t and the t distribution's value), the exact sign-flip
+    p (all 2^n patterns: 2 / 2^n at best), Holm's step-down, and EXPERIMENTS.md's seed count."""
+    result = train_tiny.paired_test([1.0, 2.0, 3.0])  # mean 2, sd 1, se 1/√3, t = 2√3 on 2 df
+    assert result["mean"] == 2.0 and result["se"] == pytest.approx(1 / math.sqrt(3))
+    assert result["p_t"] == pytest.approx(0.0742, abs=1e-4)  # 2 · (1 − F_t,2(3.4641))
+    assert result["p_sign"] == pytest.approx(2 / 8)  # only the all-plus and all-minus patterns reach |6|
+    assert train_tiny.paired_test([1.0, -1.0, 2.0, 0.5])["p_sign"] == pytest.approx(8 / 16)
+    assert train_tiny.paired_test([0.3] * 4)["p_t"] == 0.0 and train_tiny.paired_test([0.0, 0.0])["p_t"] == 1.0
+    assert train_tiny.holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]  # 0.005 ≤ .0125, .01 ≤ .0167,
+    assert train_tiny.holm([0.001, 0.02, 0.02, 0.02]) == [True, False, False, False]  # .02 > .05 / 3
+    assert train_tiny.holm([0.04, 0.001, 0.02, 0.01]) == [True] * 4  # ≤ .0125, .0167, .025, .05 in turn
+    assert train_tiny.holm([math.nan, 0.001]) == [False, True]
+    assert train_tiny.seeds_needed(sd=3.6, delta=5.0) == 8  # ((2.498 + 0.842) · 0.72)² + 2 = 7.8
+    assert [train_tiny.seeds_needed(r["sd"], r["delta"]) for r in train_tiny.PRIMARIES] == [12, 10, 11, 12]
+    assert train_tiny.seeds_needed(sd=1.0, delta=10.0, k=1) == 3
+
+def test_primaries_verdicts_and_the_positive_control():
+    """Each primary's verdict: held when Holm rejects and the difference goes the papers' way, reversed when it
+    goes the other way, not shown otherwise; all "no power" when the positive control misses its threshold."""
+    def row(method, seed, **values):
+        base = dict(id=0.5, id_B=0.5, area_carry=0.1, gain_carry=0.3)  # control: +30 points
+        return dict(method=method, seed=seed, **{**base, **values})
+
+    noise = [0.001, -0.002, 0.0015, -0.001, 0.002, 0.0005]
+    rows = [row("grpo", s) for s in range(6)] + [row("sft", s) for s in range(6)]
+    rows += [row("kd", s, area_carry=0.1 + 0.05 + noise[s], id_B=0.5) for s in range(6)]  # P1 held
+    rows += [row("kdrl", s, id_B=0.5 - 0.1 + noise[s], id=0.5 + noise[s]) for s in range(6)]  # P2 reversed, P3 not
+    rows += [row("kd-then-grpo", s, id=0.5 + 0.03 + noise[s]) for s in range(6)]  # P4 held
+    results, control = train_tiny.primaries(rows)
+    assert control["passed"] and control["mean"] == pytest.approx(30.0)
+    assert [r["verdict"] for r in results] == ["held", "reversed", "not shown", "held"]
+    assert results[0]["mean"] == pytest.approx(5.0 + 100 * statistics.mean(noise)) and results[0]["n"] == 6
+    weak = [dict(r, gain_carry=0.09) if r["method"] == "sft" else r for r in rows]  # +9 < the threshold
+    assert {r["verdict"] for r in train_tiny.primaries(weak)[0]} == {"no power (the control failed)"}
+
+def test_tuned_settings_are_the_grids_and_each_arm_runs_at_its_own():
+    """tiny_settings.json, written by --tune, names the command that chose it and one setting from GRID per arm, and
+    arm_config gives each arm its own lr (and β for KDRL, which balances KD against the reward); an arm without a
+    tuned setting takes its FALLBACK's or kdrl's."""
+    record = json.loads(train_tiny.SETTINGS.read_text())
+    assert record["command"].startswith("python train_tiny.py --tune") and set(record["chosen"]) == set(train_tiny.GRID)
+    for arm, setting in record["chosen"].items():
+        assert setting in train_tiny.GRID[arm]
+        cfg = train_tiny.arm_config(arm, train_tiny.PRESETS["cpu"], 0, Path("x"), record["chosen"])
+        assert cfg.lr == setting["lr"] and ("beta" not in setting or cfg.beta == setting["beta"])
+    cfg = train_tiny.arm_config("kdrl-anneal", train_tiny.PRESETS["cpu"], 0, Path("x"), record["chosen"])
+    assert cfg.beta == record["chosen"]["kdrl"]["beta"] and cfg.beta_min == cfg.beta / 5
+    assert train_tiny.arm_config("rlad", train_tiny.PRESETS["cpu"], 0, Path("x"), record["chosen"]).lr == \
+        record["chosen"]["grpo"]["lr"]
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_check_gpu_refuses_without_cuda(capsys):
@@ -377,7 +420,7 @@ def test_check_gpu_runs_the_tests_the_smoke_preset_and_the_bench_on_cuda(monkeyp
                  "bench grpo median_step_s=0.50 peak_mib=120\nbench kdrl median_step_s=0.60 peak_mib=150\n")
     outputs = {"pytest": "....s.\n\n250 passed, 3 skipped in 150.00s\n", "bench.py": bench_out,
                "--preset": "teacher:  50%|#####     | 1/2\rteacher: 100%|##########| 2/2\n"
-                           "# Results: preset `smoke`, device cuda, 1 seed(s), total 12s\n| kdrl | 1 | ...\n"}
+                           "# Results: preset `smoke`, device cuda, 1 seed(s) [0], total 12s\n| kdrl | 1 | ...\n"}
     failing, runs = set(), []
 
     def scripted_popen(command, cwd, env, **kwargs):
@@ -397,7 +440,7 @@ def test_check_gpu_runs_the_tests_the_smoke_preset_and_the_bench_on_cuda(monkeyp
     versions = f" | torch {torch.__version__} (CUDA {torch.version.cuda}) | transformers {transformers.__version__}"
     assert summary[0] == versions
     assert summary[1].startswith("  tests  ok") and summary[1].endswith("| 250 passed, 3 skipped in 150.00s")
-    assert summary[2].endswith("| # Results: preset `smoke`, device cuda, 1 seed(s), total 12s")
+    assert summary[2].endswith("| # Results: preset `smoke`, device cuda, 1 seed(s) [0], total 12s")
     assert summary[3].endswith("| " + bench_out.strip().replace("\n", " | ")) and "peak_mib=150" in summary[3]
     assert summary[4].startswith("check-gpu: all passed in ")
     failing.add("bench.py")
@@ -407,25 +450,16 @@ def test_check_gpu_runs_the_tests_the_smoke_preset_and_the_bench_on_cuda(monkeyp
 
 def test_results_table_pairs_each_method_with_grpo_by_seed():
     """The paired columns' errors are those of the per-seed differences from grpo (here 10 and 20 points: ± 5.0),
-    not the combined error of two means (± 18.0), since both methods start from the same student in each seed;
-    `significant` lists the paired differences beyond two standard errors."""
-    import train_tiny
-
+    not the combined error of two means (± 18.0), since both methods start from the same student in each seed."""
     def row(method, seed, acc, b):
-        return dict(method=method, seed=seed, id=acc, id_A=acc, id_B=b, ood=0.5, ood_seen=0.5, ood_unseen=0.5,
-                    length=20.0, wall_s=3.0)
+        return dict(method=method, seed=seed, id=acc, id_carry=acc, id_nocarry=acc, id_B=b, ood_seen=0.5,
+                    ood_unseen=0.5, area_carry=acc, wall_s=3.0, zero_adv=[0.5])
 
-    rows = [row("teacher", 0, 0.9, 0.0), row("grpo", 0, 0.2, 0.1), row("grpo", 1, 0.4, 0.3),
-            row("kd", 0, 0.3, 0.0), row("kd", 1, 0.6, 0.2)]
-    lines = train_tiny.table(rows, ["teacher", "grpo", "kd"]).splitlines()
-    assert lines[0].endswith("| ID − grpo | ID B − grpo |")
-    assert lines[2] == "| teacher | 1 | 90.0 | 90.0 | 0.0 | 50.0 | 50.0 | 50.0 | — | — | 20.0 | 3 | — | — |"
-    assert lines[3] == ("| grpo | 2 | 30.0 ± 10.0 | 30.0 ± 10.0 | 20.0 ± 10.0 "
-                        "| 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | — | — | 20.0 ± 0.0 | 3 ± 0 | — | — |")
-    assert lines[4].endswith("| +15.0 ± 5.0 | -10.0 ± 0.0 |")
-    assert train_tiny.significant(rows, ["grpo", "kd"]) == [
-        "kd ID: +15.0 ± 5.0", "kd ID A: +15.0 ± 5.0", "kd ID B: -10.0 ± 0.0"
-    ]
+    rows = [row("grpo", 0, 0.2, 0.1), row("grpo", 1, 0.4, 0.3), row("kd", 0, 0.3, 0.0), row("kd", 1, 0.6, 0.2)]
+    lines = train_tiny.table(rows, ["grpo", "kd"]).splitlines()
+    assert lines[0].endswith("| ID − grpo | B − grpo |")
+    assert lines[2].startswith("| grpo | 2 | 30.0 ± 10.0 | 30.0 ± 10.0 | 30.0 ± 10.0 | 20.0 ± 10.0 |")
+    assert lines[3].endswith("| — | — | 0.50 ± 0.0 | 3 ± 0.0 | +15.0 ± 5.0 | -10.0 ± 0.0 |")
 
 def test_bench_prints_one_machine_readable_line_per_method(pair, capsys):
     """`bench.py --model DIR --device D` names the device and the dtype it runs in, then ends with a
