@@ -365,6 +365,9 @@ def test_primaries_verdicts_and_the_positive_control():
     assert results[0]["mean"] == pytest.approx(5.0 + 100 * statistics.mean(noise)) and results[0]["n"] == 6
     weak = [dict(r, gain_carry=0.09) if r["method"] == "sft" else r for r in rows]  # +9 < the threshold
     assert {r["verdict"] for r in train_tiny.primaries(weak)[0]} == {"no power (the control failed)"}
+    report = train_tiny.report_primaries(results, control)  # 6 seeds: fewer than any primary needs
+    assert report.count("(this run: too few)") == 4 and f"| {results[0]['p_t']:.2g} |" in report
+    assert results[0]["p_t"] < 1e-4 and "| 0.000 |" not in report  # a small p is printed, not rounded to 0
 
 def test_tuned_settings_are_the_grids_and_each_arm_runs_at_its_own():
     """tiny_settings.json, written by --tune, names the command that chose it and one setting from GRID per arm, and
@@ -388,6 +391,13 @@ def test_check_gpu_refuses_without_cuda(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--check-gpu"])
     assert e.value.code == 2 and "--check-gpu needs a CUDA GPU, and torch" in capsys.readouterr().err
+
+def test_train_tiny_estimates_its_time_only_where_it_was_measured():
+    """The estimate printed first comes from this project's CPU machine; on CUDA, which no one has measured, none."""
+    p = train_tiny.PRESETS["cpu"]
+    assert train_tiny.expected(p, list(train_tiny.ARMS), torch.device("cpu")).startswith("expected on 2 CPU cores")
+    assert "no estimate" in train_tiny.expected(p, list(train_tiny.ARMS), torch.device("cuda"))
+
 
 def test_train_tiny_no_longer_takes_the_bench_flags(capsys):
     """The benches and tools moved to bench.py: train_tiny.py refuses their old flags (argparse, exit 2)."""

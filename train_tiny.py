@@ -161,7 +161,6 @@ def populations(rows: list[dict], limits: dict | None = None) -> dict[str, list[
     return {name: exs[: (limits or {}).get(name)] for name, exs in pops.items()}
 
 
-
 def drawn(groups: list[list[dict]], weights: list[float], n: int, seed: int) -> list[dict]:
     """n rows, each from groups[i] with probability ∝ weights[i] (a post-training or supervised mix)."""
     rng = random.Random(seed)
@@ -511,7 +510,7 @@ def report_primaries(results: list[dict], control: dict) -> str:
     for i, r in enumerate(results, 1):
         power = f"{r['needed']} at δ = {r['delta']:g}" + (" (this run: too few)" if r["n"] < r["needed"] else "")
         lines.append(f"| P{i}: {r['claim']} | {r['arm']} − {r['base']}, {MEASURES[r['measure']]} | {r['n']} | "
-                     f"{r['mean']:+.1f} ± {r['se']:.1f} | {r['p_t']:.3f} | {r['p_sign']:.3f} | {r['verdict']} | "
+                     f"{r['mean']:+.1f} ± {r['se']:.1f} | {r['p_t']:.2g} | {r['p_sign']:.2g} | {r['verdict']} | "
                      f"{power} |")
     return "\n".join(lines)
 
@@ -606,7 +605,7 @@ def run_demo(p: Preset, preset: str, arms: list[str], out: Path, device, first_s
     torch.set_num_threads(1)
     settings = json.loads(SETTINGS.read_text())["chosen"]
     seeds = list(range(first_seed, first_seed + p.seeds))
-    print(f"preset {preset} | arms: {', '.join(arms)} | seeds {seeds} | {p.rl['steps']} steps | {expected(p, arms)}")
+    print(f"preset {preset} | {', '.join(arms)} | seeds {seeds} | {p.rl['steps']} steps | {expected(p, arms, device)}")
     try:
         teacher, starts, rows = run_all(p, [(arm, settings, out) for arm in arms], seeds, device, cache)
     finally:
@@ -648,10 +647,11 @@ def tune(p: Preset, out: Path, device, cache: Path, command: str) -> dict:
     return record
 
 
-def expected(p: Preset, arms: list[str]) -> str:
-    """An estimate on this project's 2-core CPU machine from what was measured there: 0.12 s a step of one job on one
-    thread (× 1.45 for the arms that score or sample the teacher), 6 s of evaluation a job, 15 s a start, 80 s the
-    teacher. No GPU has been measured."""
+def expected(p: Preset, arms: list[str], device) -> str:
+    """An estimate from costs measured on this project's 2-core CPU: 0.12 s a step of a job on one thread (× 1.45 with
+    the teacher), 6 s of evaluation a job, 15 s a start, 80 s the teacher (12 seeds: said 22 min, took 19). No GPU."""
+    if torch.device(device).type == "cuda":
+        return "no estimate on a GPU (none has run the demo yet)"
     job = sum(p.rl["steps"] * 0.12 * (1 if arm in ("grpo", "rlad") else 1.45) + 6 for arm in arms)
     minutes = (p.seeds * (job + 15) / max(1, min(p.workers, p.seeds * len(arms))) + 80) / 60
     return f"expected on 2 CPU cores: about {minutes:.0f} min with the teacher's training (an estimate)"
