@@ -4,7 +4,7 @@ train_tiny.py: the KDRL comparison on tiny models, from scratch, with no downloa
     python train_tiny.py                   # cpu preset without a GPU: 2 seeds, the 5 arms the primaries need
     python train_tiny.py --seeds 12        # the preregistered run (docs/preregistration.md, docs/results.md)
     python train_tiny.py --tune            # each arm's lr (and β) on the validation split → tiny_settings.json
-    python train_tiny.py --preset smoke    # about 30 s, every arm, tiny everything: the plumbing, not the methods
+    python train_tiny.py --preset smoke    # about 10 s, every arm, tiny everything: the plumbing, not the methods
 
 Task: 2-digit addition worked column by column, units first: `47+85=` → `7+5=12|4+8+1=13|#### 132`, scored by
 kdrl.math_reward (the last `#### x`). The benches, --save-pair and the GPU check are in bench.py.
