@@ -1073,6 +1073,7 @@ trainer = train_trl.run(cfg, dict(options, adam_epsilon=1.0), rollout_func=test_
 model = trainer.accelerator.unwrap_model(trainer.model)
 state = {{k: v.detach().clone() for k, v in model.state_dict().items()}}
 torch.save(state, f"{{cfg.out}}/rank{{trainer.accelerator.process_index}}.pt")
+del trainer, model  # what holds the process group, freed before it is destroyed
 train_trl.shutdown()
 """
 

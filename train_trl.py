@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import os
 import sys
@@ -539,9 +540,15 @@ def _evaluate(trainer, tokenizer, eval_set, reward_fn, cfg, device) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def shutdown() -> None:
-    """Destroy the process group, if any: left to the interpreter's exit, gloo aborts now and then (1 run in 6)."""
+def shutdown(wait_for_all: bool = True) -> None:
+    """Destroy the process group, if any, while the interpreter is whole. First free what still holds it (DDP's
+    reducer, through the trainer's cycles) and, after a run that ended on every rank, wait for all of them: a group
+    freed at exit, or torn down while another rank still used it, aborted a 2-process run now and then (`terminate
+    called without an active exception`). After an error the other ranks may never arrive: no wait."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        if wait_for_all:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
@@ -549,11 +556,12 @@ def main(argv=None) -> int:
     cfg, trl_options = parse(argv)
     try:
         run(cfg, trl_options)
+        shutdown()
     except kdrl.KDRLError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        shutdown()
+        shutdown(wait_for_all=False)  # after an error; a no-op once shut down
     if is_main_process():
         print(f"saved {Path(cfg.out) / 'checkpoint'}")
     return 0
