@@ -207,7 +207,7 @@ def kl_estimate(logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str, clamp
                            wrong direction, though TRL and verl use it as their default "KL loss".
     "On-policy": sampled from π itself at the scoring temperature. Token-level gradients ignore how a token
     changes which later contexts occur; kl_reward_to_go gives the sequence-level gradient. k3 stays finite in
-    float32: below d = −clamp, e^(−d) (overflowing near −88) is continued by its tangent, so the gradient keeps its
+    float32: below d = −clamp, e^(−d) (it overflows near −88) goes on as its tangent, so the gradient keeps its
     sign (1 − e^clamp < 0); elsewhere value and gradient are exact.
     """
     d = logp - teacher_logp.detach()
@@ -1023,9 +1023,9 @@ def _autocast_off(device: torch.device):
 
 class _FullKL(torch.autograd.Function):
     """full_kl's engine: for rows s, t (N, ≥V) of logits, u = s/τ and w = t/τ over the first V columns, returns
-    KL(softmax(u) ‖ softmax(w)) and lse(u) = log Σ_v exp(u_v) (so the student's log-probs cost one gather). In float32
+    KL(softmax(u) ‖ softmax(w)) and lse(u) = log Σ_v exp(u_v) (the student's log-probs: one gather). In float32
     (float64 stays float64), autocast off, from e = exp(u − max u), no log-softmax written out:
-        Z = Σ e,  m = Σ e (u − w) / Z,  KL = m − lse(u) + lse(w);  ∂KL/∂u = p ⊙ (u − w − m),  ∂lse/∂u = p = e / Z.
+        Z = Σe, m = Σe(u−w)/Z, KL = m − lse(u) + lse(w); ∂KL/∂u = p⊙(u − w − m), ∂lse/∂u = p = e/Z.
     Dividing by the float32 Z makes each gradient row sum to 0 up to its terms' rounding. chunk_size rows at a time;
     only the inputs and three floats a row are saved (at most two (chunk, V) float32 temporaries in either pass)."""
 
@@ -1059,7 +1059,7 @@ class _FullKL(torch.autograd.Function):
                 x, y = s[rows, :V].to(lse.dtype), t[rows, :V].to(lse.dtype)  # (c, V) each
                 shifted = torch.sub(x, lse[rows, None], alpha=tau)  # (c, V): s − τ·lse(u)
                 p = (shifted.div_(tau) if tau != 1 else shifted).exp_()  # (c, V): softmax(u)
-                # ∂/∂s = ∂/∂u / τ = p ⊙ (a (s − t) + b): a = ∂KL·/τ², b = (∂lse − ∂KL·m)/τ, one number a row each
+                # ∂/∂s = p⊙(a(s − t) + b), a = ∂KL·/τ², b = (∂lse − ∂KL·m)/τ: one number a row each
                 a = grad_kl[rows, None] / tau**2  # (c, 1)
                 b = (grad_lse[rows, None] - grad_kl[rows, None] * mean_diff[rows, None]) / tau  # (c, 1)
                 g = torch.sub(x, y).mul_(a).add_(b).mul_(p)  # (c, V)
@@ -1068,8 +1068,8 @@ class _FullKL(torch.autograd.Function):
 
 
 def _logsumexp(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """e = exp((x − max x)/τ), lse = log Σ_v exp(x_v/τ), Z = Σ e per row: (c, V) → (c, V), (c,), (c,). torch.sum is
-    pairwise (torch.log_softmax's float32 CPU kernel sums serially: 2e-5 off at V = 151,936)."""
+    """e = exp((x − max x)/τ), lse = log Σ_v exp(x_v/τ), Z = Σ e per row: (c, V) → (c, V), (c,), (c,). Sums
+    are pairwise (torch.sum; torch.log_softmax's float32 CPU kernel sums serially: 2e-5 off at V = 151,936)."""
     row_max = x.amax(dim=-1, keepdim=True)  # (c, 1)
     e = torch.sub(x, row_max)  # (c, V)
     e = (e.div_(temperature) if temperature != 1 else e).exp_()

@@ -369,6 +369,7 @@ def test_primaries_verdicts_and_the_positive_control():
     assert report.count("(this run: too few)") == 4 and f"| {results[0]['p_t']:.2g} |" in report
     assert results[0]["p_t"] < 1e-4 and "| 0.000 |" not in report  # a small p is printed, not rounded to 0
 
+
 def test_tuned_settings_are_the_grids_and_each_arm_runs_at_its_own():
     """tiny_settings.json, written by --tune, names the command that chose it and one setting from GRID per arm, and
     arm_config gives each arm its own lr (and β for KDRL, which balances KD against the reward); an arm without a
@@ -391,6 +392,7 @@ def test_check_gpu_refuses_without_cuda(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--check-gpu"])
     assert e.value.code == 2 and "--check-gpu needs a CUDA GPU, and torch" in capsys.readouterr().err
+
 
 def test_train_tiny_estimates_its_time_only_where_it_was_measured():
     """The estimate printed first comes from this project's CPU machine; on CUDA, which no one has measured, none."""

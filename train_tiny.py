@@ -94,8 +94,8 @@ PRESETS = {
     "cpu": Preset(rl=RL, arms=ARMS, workers=2),  # 2 cores: one single-threaded job on each
     "gpu": Preset(rl=RL, arms=ARMS, seeds=12, workers=4),  # the preregistered run's size; no GPU has run it yet
 }
-# The preregistered primaries (docs/preregistration.md): arm − base on a measure, paired by seed, the papers' direction
-# being arm above base; δ, the effect (points) the seeds are sized for, with sd, the pilot's of the paired differences.
+# The preregistered primaries (docs/preregistration.md): arm − base on a measure, paired by seed, the
+# papers' direction being arm above base; δ: the effect (points) the seeds are sized for; sd: the pilot's.
 PRIMARIES = [dict(zip(("claim", "arm", "base", "measure", "delta", "sd"), primary, strict=True)) for primary in (
     ("KD is sample-efficient where GRPO starves", "kd", "grpo", "area_carry", 2.0, 1.84),
     ("imitation inherits the bug, the reward corrects it", "kdrl", "kd", "id_B", 15.0, 11.91),
@@ -477,7 +477,7 @@ def holm(pvalues: list[float], alpha: float = 0.05) -> list[bool]:
 
 
 def seeds_needed(sd: float, delta: float, k: int = len(PRIMARIES), alpha: float = 0.05) -> int:
-    """Seeds for 80% power at effect delta, paired, two-sided at alpha / k: ((z_{1−α/2k} + z_0.8) · sd / δ)² + 2."""
+    """Seeds for 80% power at effect delta, paired, two-sided at alpha / k: ((z(1−α/2k) + z(0.8))·sd/δ)² + 2."""
     z = statistics.NormalDist().inv_cdf
     return math.ceil(((z(1 - alpha / (2 * k)) + z(0.8)) * sd / delta) ** 2 + 2)
 
